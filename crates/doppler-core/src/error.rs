@@ -1,0 +1,94 @@
+//! One error type for the pure pipeline. The pgrx glue maps [`ErrorKind`] to a SQLSTATE; the
+//! worker records it as a failure class. Messages name the input (path or byte count) and the problem.
+
+/// What went wrong, coarsely: the class a caller maps to a SQLSTATE or a failure record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The file (or model file) does not exist.
+    NotFound,
+    /// The path is a directory.
+    IsDirectory,
+    /// The path is neither a regular file nor a directory (FIFO, socket, device).
+    NotRegularFile,
+    /// The OS refused access.
+    PermissionDenied,
+    /// Any other I/O failure while reading.
+    Io,
+    /// Zero bytes, or bytes in no known image format.
+    NotAnImage,
+    /// A known format that doppler cannot decode (e.g. lossless JPEG, AVIF).
+    Unsupported,
+    /// A known format whose data is truncated or corrupt.
+    Corrupt,
+    /// Over a configured limit (bytes, pixels, dimension).
+    TooLarge,
+    /// The ONNX Runtime shared library could not be loaded.
+    RuntimeMissing,
+    /// A setting is missing or invalid (no model configured, a relative path, a conflicting library).
+    Config,
+    /// The model cannot be used: its inputs/outputs do not fit, or ORT rejected it.
+    BadModel,
+    /// ONNX Runtime failed while running the model.
+    Inference,
+    /// A bug or a panic in a dependency, caught at the boundary.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Extra context for an ERROR's DETAIL/HINT line.
+    pub hint: Option<String>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Maps an OS error on `what` (e.g. `image file "/a.jpg"`) to a kind and a message.
+    pub fn io(what: &str, e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::NotFound => Error::new(ErrorKind::NotFound, format!("{what} does not exist")),
+            K::PermissionDenied => Error::new(
+                ErrorKind::PermissionDenied,
+                format!("{what} cannot be read: permission denied for the server's OS user"),
+            ),
+            K::IsADirectory => Error::new(ErrorKind::IsDirectory, format!("{what} is a directory")),
+            _ => Error::new(ErrorKind::Io, format!("could not read {what}: {e}")),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs `f`, turning a panic inside it (ours or a dependency's) into an [`ErrorKind::Internal`]
+/// error, so that no panic can unwind into Postgres or kill a worker thread silently.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::new(
+                ErrorKind::Internal,
+                format!("internal error while {what}: {msg}"),
+            ))
+        }
+    }
+}

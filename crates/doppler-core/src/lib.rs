@@ -1,0 +1,34 @@
+//! doppler's pure image pipeline, usable without Postgres:
+//! source bytes → [`decode`] (PIL's `convert('RGB')`) → [`resize`] (PIL's bilinear, exact) →
+//! [`preprocess`] (ToTensor + Normalize into a batch slot) → [`model`] (one batched ORT run).
+//!
+//! Nothing in this crate calls Postgres, so every piece is testable with plain `cargo test`, and
+//! everything but [`model::Model::run`] may run on any thread.
+
+pub mod decode;
+pub mod error;
+pub mod model;
+pub mod preprocess;
+pub mod resize;
+pub mod source;
+
+pub use decode::{decode_rgb, Limits, RgbImage};
+pub use error::{catch_panic, Error, ErrorKind, Result};
+pub use model::{Model, Provider, SessionConfig};
+pub use preprocess::Preprocess;
+
+/// Decodes image bytes and writes the preprocessed pixels into `slot`.
+/// Panics inside decoders are caught and returned as [`ErrorKind::Internal`].
+pub fn prepare(
+    bytes: &[u8],
+    what: &str,
+    limits: &Limits,
+    pre: &Preprocess,
+    slot: &mut [f32],
+) -> Result<()> {
+    catch_panic("decoding an image", || {
+        let img = decode_rgb(bytes, what, limits)?;
+        pre.write_slot(&img, slot);
+        Ok(())
+    })
+}

@@ -1,0 +1,7 @@
+# Shared locations for setup, tests, demo and benchmark. Sourced, not run.
+export DOPPLER_DEPS=${DOPPLER_DEPS:-/opt/doppler}
+export DOPPLER_VENV=${DOPPLER_VENV:-$DOPPLER_DEPS/venv}
+export DOPPLER_ORT_LIB=${DOPPLER_ORT_LIB:-$DOPPLER_DEPS/lib/libonnxruntime.so.1.31.1}
+export DOPPLER_PG18=${DOPPLER_PG18:-$DOPPLER_DEPS/pgserver/pgserver/pginstall}
+export DOPPLER_MODELS=${DOPPLER_MODELS:-$DOPPLER_DEPS/models}
+export DOPPLER_FIXTURES=${DOPPLER_FIXTURES:-$DOPPLER_DEPS/fixtures}

@@ -1,0 +1,113 @@
+//! `doppler.extract_features(path text)` and `doppler.extract_features(image bytea)`.
+//!
+//! Labels, and why:
+//! * path form: VOLATILE, since it reads a file that can change between (and during) statements,
+//!   like `pg_read_file`. Bytea form: STABLE, since the result depends on settings
+//!   (`doppler.model_path`) and on the model file, not only on the argument; not IMMUTABLE, so it
+//!   must not be used in an index expression.
+//! * STRICT: NULL in, NULL out.
+//! * PARALLEL SAFE: no writes, no backend-shared state; each parallel worker builds its own session
+//!   (with `doppler.intra_op_threads` threads), which lets a parallel scan extract on several cores.
+//! * COST 10000 (set in sql/finalize.sql): a model run costs far more than an ordinary function,
+//!   so the planner evaluates it as few times as it can.
+//!
+//! Reading server files is a privilege: only superusers and members of `pg_read_server_files` may
+//! call the path form (the rule `COPY ... FROM 'file'` follows). Relative paths are refused.
+
+use doppler_core::{source, Error, ErrorKind};
+use pgrx::prelude::*;
+
+use crate::errors::{raise, OrRaise};
+use crate::session;
+
+#[pg_extern(name = "extract_features", volatile, strict, parallel_safe)]
+fn extract_features_path(path: &str) -> Vec<f32> {
+    check_read_server_files(path);
+    if !path.starts_with('/') {
+        raise(
+            Error::new(
+                ErrorKind::Config,
+                format!("image path \"{path}\" is not absolute"),
+            )
+            .with_hint("doppler reads server files by absolute path only."),
+        );
+    }
+    let bytes = source::read_file(path, crate::gucs::max_image_bytes()).or_raise();
+    features_of(&bytes, &source::describe_path(path))
+}
+
+#[pg_extern(name = "extract_features", stable, strict, parallel_safe)]
+fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
+    let max = crate::gucs::max_image_bytes();
+    if image.len() as u64 > max {
+        raise(
+            Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "{} is over the limit of {max} bytes",
+                    source::describe_bytes(image.len())
+                ),
+            )
+            .with_hint("Raise doppler.max_image_bytes to accept larger images."),
+        );
+    }
+    features_of(image, &source::describe_bytes(image.len()))
+}
+
+/// Describes this backend's model session: the settings it was built with, the execution
+/// provider in use, and how many sessions this backend has created. Loads nothing.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)] // pgrx's name!() tuple is the SQL row type
+fn session_info() -> TableIterator<
+    'static,
+    (
+        name!(model_path, Option<String>),
+        name!(execution_provider, Option<String>),
+        name!(input_size, Option<i32>),
+        name!(dimensions, Option<i32>),
+        name!(intra_op_threads, Option<i32>),
+        name!(sessions_created, i64),
+    ),
+> {
+    let row = match session::current() {
+        Some((p, ep, s, d, t)) => (
+            Some(p),
+            Some(ep.to_string()),
+            Some(s),
+            Some(d),
+            Some(t),
+            session::sessions_created(),
+        ),
+        None => (None, None, None, None, None, session::sessions_created()),
+    };
+    TableIterator::once(row)
+}
+
+fn features_of(bytes: &[u8], what: &str) -> Vec<f32> {
+    session::with_model(|model| {
+        let pre = session::preprocess_for(model);
+        let mut slot = vec![0f32; pre.slot_len()];
+        doppler_core::prepare(bytes, what, &crate::gucs::limits(), &pre, &mut slot).or_raise();
+        model.run(&slot, 1).or_raise()
+    })
+}
+
+/// Superusers and members of pg_read_server_files only.
+fn check_read_server_files(path: &str) {
+    // SAFETY: plain catalog lookups on the current user, in a transaction.
+    let allowed = unsafe {
+        pg_sys::superuser()
+            || pg_sys::has_privs_of_role(
+                pg_sys::GetUserId(),
+                pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
+            )
+    };
+    if !allowed {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to read image file \"{path}\""),
+            "Only superusers and roles with privileges of pg_read_server_files may read server files; others can pass the image as bytea."
+        );
+    }
+}

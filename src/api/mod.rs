@@ -1,0 +1,2 @@
+//! The SQL surface, one file per family.
+pub mod features;

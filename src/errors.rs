@@ -1,0 +1,43 @@
+//! The boundary: a doppler-core error becomes a Postgres ERROR with a fitting SQLSTATE.
+
+use doppler_core::{Error, ErrorKind};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
+    use PgSqlErrorCode::*;
+    match kind {
+        ErrorKind::NotFound => ERRCODE_UNDEFINED_FILE,
+        ErrorKind::IsDirectory | ErrorKind::NotRegularFile => ERRCODE_WRONG_OBJECT_TYPE,
+        ErrorKind::PermissionDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
+        ErrorKind::Io => ERRCODE_IO_ERROR,
+        ErrorKind::NotAnImage | ErrorKind::Corrupt => ERRCODE_INVALID_BINARY_REPRESENTATION,
+        ErrorKind::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
+        ErrorKind::TooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        ErrorKind::RuntimeMissing => ERRCODE_UNDEFINED_FILE,
+        ErrorKind::Config | ErrorKind::BadModel => ERRCODE_INVALID_PARAMETER_VALUE,
+        ErrorKind::Inference => ERRCODE_SYSTEM_ERROR,
+        ErrorKind::Internal => ERRCODE_INTERNAL_ERROR,
+    }
+}
+
+/// Raises `e` as an ERROR. Does not return.
+pub fn raise(e: Error) -> ! {
+    let mut report = ErrorReport::new(sqlstate(e.kind), e.message, "doppler");
+    if let Some(h) = e.hint {
+        report = report.set_hint(h);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// Unwraps a doppler-core result or raises it as an ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for doppler_core::Result<T> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| raise(e))
+    }
+}
