@@ -26,6 +26,19 @@ pub static MAX_IMAGE_PIXELS: GucSetting<i32> = GucSetting::<i32>::new(100_000_00
 /// `doppler.max_image_dimension`: largest width or height accepted, checked from the header.
 pub static MAX_IMAGE_DIMENSION: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// `doppler.worker_databases`: databases served by a background worker (one each).
+pub static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `doppler.worker_naptime`: how long an idle worker sleeps (ms) unless woken.
+pub static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `doppler.worker_intra_op_threads`: ORT threads of a worker's session (0: all cores).
+pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// `doppler.decode_threads`: threads that read, decode and resize a batch's images.
+pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// `doppler.max_attempts`: attempts per failing row before it is given up.
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// `doppler.retry_backoff`: delay before the first retry (s); doubles with each attempt.
+pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ExecutionProvider {
     #[name = c"auto"]
@@ -113,6 +126,68 @@ pub fn init() {
     );
 }
 
+/// Settings of the background worker and of batch filling.
+pub fn init_worker_gucs() {
+    GucRegistry::define_string_guc(
+        c"doppler.worker_databases",
+        c"Comma-separated databases in which a doppler background worker fills watched tables.",
+        c"One worker per database, started at server start when doppler is in shared_preload_libraries. A worker waits until CREATE EXTENSION doppler has run in its database.",
+        &WORKER_DATABASES,
+        GucContext::Postmaster,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.worker_naptime",
+        c"How long an idle doppler worker sleeps before looking for work again.",
+        c"doppler.wake() and inserts into watched tables wake it earlier.",
+        &WORKER_NAPTIME,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.worker_intra_op_threads",
+        c"ONNX Runtime threads of a background worker's session; 0 uses every core.",
+        c"",
+        &WORKER_INTRA_OP_THREADS,
+        0,
+        256,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.decode_threads",
+        c"Threads that read, decode and resize the images of a batch (worker, fill, triggers).",
+        c"",
+        &DECODE_THREADS,
+        1,
+        256,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.max_attempts",
+        c"Attempts per failing row before doppler gives it up (doppler.retry_failed() makes it due again).",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.retry_backoff",
+        c"Delay before a failed row is tried again; it doubles with every attempt.",
+        c"",
+        &RETRY_BACKOFF,
+        0,
+        86_400 * 30,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+}
+
 fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
         .map(|c| c.to_string_lossy().into_owned())
@@ -123,10 +198,20 @@ pub fn onnxruntime_library() -> String {
     string(&ONNXRUNTIME_LIBRARY)
 }
 
+/// The session settings of a backend; in a background worker, its own thread count.
 pub fn session_config() -> SessionConfig {
+    let in_worker = unsafe { !pgrx::pg_sys::MyBgworkerEntry.is_null() };
+    let threads = if in_worker {
+        match WORKER_INTRA_OP_THREADS.get() {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n as usize,
+        }
+    } else {
+        INTRA_OP_THREADS.get().max(1) as usize
+    };
     SessionConfig {
         model_path: string(&MODEL_PATH),
-        intra_op_threads: INTRA_OP_THREADS.get().max(1) as usize,
+        intra_op_threads: threads,
         provider: match EXECUTION_PROVIDER.get() {
             ExecutionProvider::Auto => Provider::Auto,
             ExecutionProvider::Cpu => Provider::Cpu,
@@ -145,4 +230,8 @@ pub fn limits() -> Limits {
 
 pub fn max_image_bytes() -> u64 {
     MAX_IMAGE_BYTES.get() as u64
+}
+
+pub fn worker_databases() -> Vec<String> {
+    string(&WORKER_DATABASES).split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }

@@ -10,18 +10,23 @@ pub mod api;
 pub mod errors;
 pub mod gucs;
 pub mod session;
+pub mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
 
 ::pgrx::pg_module_magic!(name, version);
 
+pgrx::extension_sql_file!("../sql/schema.sql", bootstrap);
 pgrx::extension_sql_file!("../sql/finalize.sql", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    // Settings only. ONNX Runtime is loaded lazily, by the backend that first needs it.
+    // Settings and worker registration only. ONNX Runtime is loaded lazily, by the backend
+    // (or worker) that first needs it: the postmaster forks everything after this.
     gucs::init();
+    gucs::init_worker_gucs();
+    worker::register();
 }
 
 /// Required by `cargo pgrx test`.

@@ -34,6 +34,28 @@ pub enum ErrorKind {
     Internal,
 }
 
+impl ErrorKind {
+    /// A stable lowercase name, used as the failure class in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::IsDirectory => "is_directory",
+            ErrorKind::NotRegularFile => "not_regular_file",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Io => "io",
+            ErrorKind::NotAnImage => "not_an_image",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::RuntimeMissing => "runtime_missing",
+            ErrorKind::Config => "config",
+            ErrorKind::BadModel => "bad_model",
+            ErrorKind::Inference => "inference",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {

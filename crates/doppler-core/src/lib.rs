@@ -5,6 +5,7 @@
 //! Nothing in this crate calls Postgres, so every piece is testable with plain `cargo test`, and
 //! everything but [`model::Model::run`] may run on any thread.
 
+pub mod batch;
 pub mod decode;
 pub mod error;
 pub mod model;
@@ -12,6 +13,7 @@ pub mod preprocess;
 pub mod resize;
 pub mod source;
 
+pub use batch::{prepare_batch, Prepared, Source};
 pub use decode::{decode_rgb, Limits, RgbImage};
 pub use error::{catch_panic, Error, ErrorKind, Result};
 pub use model::{Model, Provider, SessionConfig};

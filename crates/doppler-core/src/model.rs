@@ -181,7 +181,10 @@ impl Model {
             )
         };
         let input = TensorRef::from_array_view(([n, 3, s, s], batch)).map_err(fail)?;
-        let outputs = self.session.run(ort::inputs![input]).map_err(fail)?;
+        // ORT may start threads during a run too: they must not take the backend's signals
+        // (a SIGTERM or latch wake-up delivered to them would be lost).
+        let session = &mut self.session;
+        let outputs = with_signals_blocked(|| session.run(ort::inputs![input])).map_err(fail)?;
         let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(fail)?;
         let ok = match shape.len() {
             2 => shape[0] as usize == n && shape[1] as usize == self.dim,

@@ -1,0 +1,99 @@
+//! Many images at once: read, decode and preprocess a batch on a few threads, into one batch
+//! tensor ready for [`crate::Model::run`]. Pure Rust, no Postgres: safe off the backend's thread.
+
+use std::sync::Mutex;
+
+use crate::error::{catch_panic, Error, Result};
+use crate::{decode_rgb, source, Limits, Preprocess};
+
+/// Where one image comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An absolute path on the server (the caller has checked the privilege to read it).
+    Path(String),
+    /// Image bytes.
+    Bytes(Vec<u8>),
+}
+
+impl Source {
+    /// How messages name this input.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Path(p) => source::describe_path(p),
+            Source::Bytes(b) => source::describe_bytes(b.len()),
+        }
+    }
+}
+
+/// A prepared batch: the input tensor holds `ok.len()` slots, in the order of `ok`
+/// (indices into the sources); `errors` holds the rest, by index.
+pub struct Prepared {
+    pub tensor: Vec<f32>,
+    pub ok: Vec<usize>,
+    pub errors: Vec<(usize, Error)>,
+}
+
+/// Reads, decodes and preprocesses `sources` on up to `threads` threads. Threads are created
+/// with every signal blocked, so Postgres signals stay with the calling backend.
+pub fn prepare_batch(sources: &[Source], pre: &Preprocess, limits: &Limits, max_bytes: u64, threads: usize) -> Prepared {
+    let slot_len = pre.slot_len();
+    let mut tensor = vec![0f32; sources.len() * slot_len];
+    let results: Vec<Mutex<Option<Result<()>>>> = sources.iter().map(|_| Mutex::new(None)).collect();
+    {
+        let work = Mutex::new(sources.iter().zip(tensor.chunks_exact_mut(slot_len)).enumerate());
+        let job = || loop {
+            let next = work.lock().map(|mut w| w.next()).unwrap_or(None);
+            let Some((i, (src, slot))) = next else { break };
+            let r = catch_panic("preparing an image", || prepare_one(src, pre, limits, max_bytes, slot));
+            if let Ok(mut cell) = results[i].lock() {
+                *cell = Some(r);
+            }
+        };
+        let n = threads.clamp(1, sources.len().max(1));
+        if n == 1 {
+            job();
+        } else {
+            std::thread::scope(|s| {
+                crate::model::with_signals_blocked(|| {
+                    for _ in 0..n {
+                        s.spawn(job);
+                    }
+                });
+            });
+        }
+    }
+    let mut ok = Vec::with_capacity(sources.len());
+    let mut errors = Vec::new();
+    for (i, cell) in results.into_iter().enumerate() {
+        match cell.into_inner().ok().flatten() {
+            Some(Ok(())) => {
+                // compact: move slot i down to position ok.len()
+                let dst = ok.len();
+                if dst != i {
+                    tensor.copy_within(i * slot_len..(i + 1) * slot_len, dst * slot_len);
+                }
+                ok.push(i);
+            }
+            Some(Err(e)) => errors.push((i, e)),
+            None => errors.push((i, Error::new(crate::ErrorKind::Internal, "image was not processed"))),
+        }
+    }
+    tensor.truncate(ok.len() * slot_len);
+    Prepared { tensor, ok, errors }
+}
+
+fn prepare_one(src: &Source, pre: &Preprocess, limits: &Limits, max_bytes: u64, slot: &mut [f32]) -> Result<()> {
+    let what = src.describe();
+    let img = match src {
+        Source::Path(p) => decode_rgb(&source::read_file(p, max_bytes)?, &what, limits)?,
+        Source::Bytes(b) if b.len() as u64 > max_bytes => {
+            return Err(Error::new(
+                crate::ErrorKind::TooLarge,
+                format!("{what} is over the limit of {max_bytes} bytes"),
+            ))
+        }
+        Source::Bytes(b) => decode_rgb(b, &what, limits)?,
+    };
+    pre.write_slot(&img, slot);
+    Ok(())
+}

