@@ -14,11 +14,41 @@ COMMENT ON FUNCTION @extschema@.session_info() IS
 -- Watching tables. Ownership and column checks happen in the Rust functions, with the
 -- caller's rights; these wrappers give the SQL signatures.
 CREATE FUNCTION @extschema@.watch(tbl regclass, path_column name DEFAULT 'f_img', vector_column name DEFAULT 'features',
-                                  batch_size int DEFAULT 32, priority int DEFAULT 0)
+                                  batch_size int DEFAULT 32, priority int DEFAULT 0,
+                                  mode text DEFAULT 'async', on_error text DEFAULT 'raise')
 RETURNS text LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
-RETURN @extschema@._watch(tbl::oid, path_column::text, vector_column::text, batch_size, priority);
-COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int) IS
-  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths; bytea: image bytes) for every row whose vector is NULL. The caller must own the table; it needs a primary key. Calling it again changes the settings.';
+RETURN @extschema@._watch(tbl::oid, path_column::text, vector_column::text, batch_size, priority, mode, on_error);
+COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text) IS
+  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths; bytea: image bytes) for every row whose vector is NULL. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
+
+-- Trigger functions (installed by watch; see src/triggers.rs).
+CREATE FUNCTION @extschema@._clear_stale() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- the source changed: the old vector is stale; any column type takes a NULL this way
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    RETURN NEW;
+END $$;
+
+CREATE FUNCTION @extschema@._wake_trigger() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @extschema@._wake_at_commit();
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION @extschema@._sync_trigger() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE keys text[];
+BEGIN
+    -- TG_ARGV: key expression over alias n, source column, vector column
+    EXECUTE format('SELECT array_agg(%s) FROM new_rows n WHERE n.%I IS NOT NULL AND n.%I IS NULL',
+                   TG_ARGV[0], TG_ARGV[1], TG_ARGV[2]) INTO keys;
+    IF keys IS NOT NULL THEN
+        PERFORM @extschema@._fill_rows(TG_RELID, keys);
+    END IF;
+    RETURN NULL;
+END $$;
 
 CREATE FUNCTION @extschema@.unwatch(tbl regclass) RETURNS boolean
 LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE

@@ -8,6 +8,9 @@ CREATE TABLE @extschema@.watched (
     vector_column  name NOT NULL,
     vector_kind    text NOT NULL CHECK (vector_kind IN ('real[]', 'vector', 'halfvec')),
     key_columns    name[] NOT NULL,
+    key_type       text,            -- format_type() of a one-column primary key; NULL when composite
+    mode           text NOT NULL DEFAULT 'async' CHECK (mode IN ('async', 'sync', 'manual')),
+    on_error       text NOT NULL DEFAULT 'raise' CHECK (on_error IN ('raise', 'defer')),
     batch_size     int NOT NULL CHECK (batch_size BETWEEN 1 AND 4096),
     priority       int NOT NULL DEFAULT 0,
     watched_since  timestamptz NOT NULL DEFAULT now()

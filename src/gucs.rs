@@ -203,7 +203,9 @@ pub fn session_config() -> SessionConfig {
     let in_worker = unsafe { !pgrx::pg_sys::MyBgworkerEntry.is_null() };
     let threads = if in_worker {
         match WORKER_INTRA_OP_THREADS.get() {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             n => n as usize,
         }
     } else {
@@ -233,5 +235,9 @@ pub fn max_image_bytes() -> u64 {
 }
 
 pub fn worker_databases() -> Vec<String> {
-    string(&WORKER_DATABASES).split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    string(&WORKER_DATABASES)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }

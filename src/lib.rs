@@ -10,6 +10,7 @@ pub mod api;
 pub mod errors;
 pub mod gucs;
 pub mod session;
+pub mod triggers;
 pub mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]

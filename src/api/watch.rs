@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
 use crate::session;
+use crate::triggers;
 use crate::worker::{self, batch};
 
 fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
@@ -20,10 +21,12 @@ fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
 
 /// The extension owner: doppler's catalog is written with its rights.
 pub fn extension_owner() -> pg_sys::Oid {
-    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'doppler'")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| pgrx::error!("extension doppler is not installed"))
+    Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'doppler'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| pgrx::error!("extension doppler is not installed"))
 }
 
 struct Rel {
@@ -39,13 +42,25 @@ fn owned_table(relid: pg_sys::Oid) -> Rel {
         &[relid.into()],
     );
     let Ok((Some(name), Some(owner), Some(kind))) = row else {
-        fail(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("relation with OID {} does not exist", relid.to_u32()), "")
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("relation with OID {} does not exist", relid.to_u32()),
+            "",
+        )
     };
     if kind != "r" && kind != "p" {
-        fail(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{name} is not a table"), "doppler watches tables and partitioned tables.");
+        fail(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{name} is not a table"),
+            "doppler watches tables and partitioned tables.",
+        );
     }
     if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) } {
-        fail(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, format!("must be owner of table {name}"), "");
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of table {name}"),
+            "",
+        );
     }
     Rel { name, owner }
 }
@@ -63,11 +78,38 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Option<(String, String, i32)> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn _watch(relid: pg_sys::Oid, source_column: &str, vector_column: &str, batch_size: i32, priority: i32) -> String {
+#[allow(clippy::too_many_arguments)]
+fn _watch(
+    relid: pg_sys::Oid,
+    source_column: &str,
+    vector_column: &str,
+    batch_size: i32,
+    priority: i32,
+    mode: &str,
+    on_error: &str,
+) -> String {
     let rel = owned_table(relid);
     let name = &rel.name;
+    if !["async", "sync", "manual"].contains(&mode) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("mode must be async, sync or manual, not \"{mode}\""),
+            "",
+        );
+    }
+    if !["raise", "defer"].contains(&on_error) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("on_error must be raise or defer, not \"{on_error}\""),
+            "",
+        );
+    }
     if !(1..=4096).contains(&batch_size) {
-        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("batch_size must be between 1 and 4096, not {batch_size}"), "");
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("batch_size must be between 1 and 4096, not {batch_size}"),
+            "",
+        );
     }
     let keys = Spi::get_one_with_args::<Vec<String>>(
         "SELECT array_agg(a.attname::text ORDER BY k.ord)
@@ -88,25 +130,51 @@ fn _watch(relid: pg_sys::Oid, source_column: &str, vector_column: &str, batch_si
         );
     }
     let source_kind = match column_type(relid, source_column) {
-        None => fail(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("column {} of table {name} does not exist", quote_identifier(source_column)), ""),
+        None => fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!(
+                "column {} of table {name} does not exist",
+                quote_identifier(source_column)
+            ),
+            "",
+        ),
         Some((t, _, _)) if t == "text" || t == "varchar" => "path",
         Some((t, _, _)) if t == "bytea" => "bytea",
         Some((_, shown, _)) => fail(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("source column {} of table {name} is {shown}", quote_identifier(source_column)),
+            format!(
+                "source column {} of table {name} is {shown}",
+                quote_identifier(source_column)
+            ),
             "The source column holds image paths (text) or image bytes (bytea).",
         ),
     };
     if source_column == vector_column {
-        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "the source and vector columns must differ".into(), "");
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "the source and vector columns must differ".into(),
+            "",
+        );
     }
     let (vector_kind, dims) = match column_type(relid, vector_column) {
-        None => fail(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("column {} of table {name} does not exist", quote_identifier(vector_column)), ""),
+        None => fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!(
+                "column {} of table {name} does not exist",
+                quote_identifier(vector_column)
+            ),
+            "",
+        ),
         Some((t, _, _)) if t == "_float4" => ("real[]", -1),
-        Some((t, _, m)) if t == "vector" || t == "halfvec" => (if t == "vector" { "vector" } else { "halfvec" }, m),
+        Some((t, _, m)) if t == "vector" || t == "halfvec" => {
+            (if t == "vector" { "vector" } else { "halfvec" }, m)
+        }
         Some((_, shown, _)) => fail(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("vector column {} of table {name} is {shown}", quote_identifier(vector_column)),
+            format!(
+                "vector column {} of table {name} is {shown}",
+                quote_identifier(vector_column)
+            ),
             "Use real[], or pgvector's vector(n) or halfvec(n).",
         ),
     };
@@ -120,24 +188,36 @@ fn _watch(relid: pg_sys::Oid, source_column: &str, vector_column: &str, batch_si
             );
         }
     }
-    if source_kind == "path" && !unsafe {
-        pg_sys::superuser_arg(rel.owner)
-            || pg_sys::has_privs_of_role(rel.owner, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES))
-    } {
+    if source_kind == "path"
+        && !unsafe {
+            pg_sys::superuser_arg(rel.owner)
+                || pg_sys::has_privs_of_role(
+                    rel.owner,
+                    pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
+                )
+        }
+    {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("the owner of table {name} may not read server files"),
             "Watching a path column reads server files with the table owner's rights: grant pg_read_server_files to the owner, or store the images as bytea.",
         );
     }
+    let key_type = if keys.len() == 1 {
+        column_type(relid, &keys[0]).map(|(_, shown, _)| shown)
+    } else {
+        None
+    };
     let owner = extension_owner();
     as_catalog(owner, || {
         Spi::run_with_args(
-            "INSERT INTO doppler.watched (relid, source_column, source_kind, vector_column, vector_kind, key_columns, batch_size, priority)
-             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8)
+            "INSERT INTO doppler.watched (relid, source_column, source_kind, vector_column, vector_kind, key_columns, batch_size, priority,
+                                          key_type, mode, on_error)
+             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11)
              ON CONFLICT (relid) DO UPDATE SET source_column = EXCLUDED.source_column, source_kind = EXCLUDED.source_kind,
                 vector_column = EXCLUDED.vector_column, vector_kind = EXCLUDED.vector_kind, key_columns = EXCLUDED.key_columns,
-                batch_size = EXCLUDED.batch_size, priority = EXCLUDED.priority",
+                batch_size = EXCLUDED.batch_size, priority = EXCLUDED.priority, key_type = EXCLUDED.key_type,
+                mode = EXCLUDED.mode, on_error = EXCLUDED.on_error",
             &[
                 relid.into(),
                 source_column.into(),
@@ -147,17 +227,29 @@ fn _watch(relid: pg_sys::Oid, source_column: &str, vector_column: &str, batch_si
                 keys.clone().into(),
                 batch_size.into(),
                 priority.into(),
+                key_type.into(),
+                mode.into(),
+                on_error.into(),
             ],
         )
     })
     .unwrap_or_else(|e| pgrx::error!("could not register {name}: {e}"));
+    let w = batch::load_watched(Some(relid))
+        .into_iter()
+        .next()
+        .expect("just registered");
+    triggers::replace(&w);
     wake();
-    format!("doppler watches {name}: {source_column} ({source_kind}) -> {vector_column} ({vector_kind}), key ({})", keys.join(", "))
+    format!(
+        "doppler watches {name} ({mode}): {source_column} ({source_kind}) -> {vector_column} ({vector_kind}), key ({})",
+        keys.join(", ")
+    )
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn _unwatch(relid: pg_sys::Oid) -> bool {
-    owned_table(relid);
+    let rel = owned_table(relid);
+    triggers::drop_all(&rel.name);
     let owner = extension_owner();
     as_catalog(owner, || {
         Spi::run_with_args("DELETE FROM doppler.failures WHERE relid = $1::oid::regclass", &[relid.into()])?;
@@ -210,20 +302,44 @@ fn _retry_failed(relid: Option<pg_sys::Oid>) -> i64 {
 fn _fill_batch(
     relid: pg_sys::Oid,
     max_rows: Option<i32>,
-) -> TableIterator<'static, (name!(claimed, i64), name!(filled, i64), name!(failed, i64), name!(seconds, f64))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(claimed, i64),
+        name!(filled, i64),
+        name!(failed, i64),
+        name!(seconds, f64),
+    ),
+> {
     owned_table(relid);
     let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
-        fail(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("relation with OID {} is not watched by doppler", relid.to_u32()), "Call doppler.watch() first.")
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!(
+                "relation with OID {} is not watched by doppler",
+                relid.to_u32()
+            ),
+            "Call doppler.watch() first.",
+        )
     };
     let limit = max_rows.map(|m| m as i64).unwrap_or(w.batch_size as i64);
-    let r = if limit <= 0 { batch::BatchReport::default() } else { batch::run_batch(&w, limit, extension_owner(), "fill") };
+    let r = if limit <= 0 {
+        batch::BatchReport::default()
+    } else {
+        batch::run_batch(&w, limit, extension_owner(), "fill", None, false)
+    };
     TableIterator::once((r.claimed, r.filled, r.failed, r.seconds))
 }
 
 /// Wakes this database's doppler workers now instead of at their next nap. Returns how many.
 #[pg_extern(volatile, parallel_restricted)]
 pub fn wake() -> i32 {
-    let pids: Vec<i32> = Spi::connect(|c| {
+    wake_pids(&worker_pids())
+}
+
+/// The pids of this database's doppler workers.
+pub fn worker_pids() -> Vec<i32> {
+    Spi::connect(|c| {
         c.select(
             "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = $1 AND datname = pg_catalog.current_database()",
             None,
@@ -232,9 +348,13 @@ pub fn wake() -> i32 {
         .map(|r| r.get::<i32>(1).map(|p| p.unwrap_or(0)))
         .collect::<Result<Vec<_>, _>>()
     })
-    .unwrap_or_default();
+    .unwrap_or_default()
+}
+
+/// Sets the latch of each process; needs no SPI, so it can run in a commit callback.
+pub fn wake_pids(pids: &[i32]) -> i32 {
     let mut n = 0;
-    for pid in pids {
+    for &pid in pids {
         // SAFETY: BackendPidGetProc returns NULL or a live PGPROC; setting its latch is what
         // Postgres itself does to wake another process.
         unsafe {

@@ -24,12 +24,16 @@ pub struct Watched {
     pub vector_column: String,
     pub vector_kind: String,
     pub key_columns: Vec<String>,
+    pub key_type: Option<String>,
     pub batch_size: i32,
+    pub mode: String,
+    pub on_error: String,
 }
 
 const WATCHED_SQL: &str = "
     SELECT w.relid::oid, format('%I.%I', n.nspname, c.relname), c.relowner, w.source_column::text,
-           w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size
+           w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size,
+           w.key_type, w.mode, w.on_error
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid = w.relid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
@@ -37,8 +41,14 @@ const WATCHED_SQL: &str = "
 /// Every watched table (by priority), or the one given.
 pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
     let (sql, args) = match only {
-        Some(oid) => (format!("{WATCHED_SQL} WHERE w.relid = $1::oid::regclass"), vec![oid.into()]),
-        None => (format!("{WATCHED_SQL} ORDER BY w.priority DESC, w.relid::oid"), vec![]),
+        Some(oid) => (
+            format!("{WATCHED_SQL} WHERE w.relid = $1::oid::regclass"),
+            vec![oid.into()],
+        ),
+        None => (
+            format!("{WATCHED_SQL} ORDER BY w.priority DESC, w.relid::oid"),
+            vec![],
+        ),
     };
     Spi::connect(|client| {
         let rows = client.select(&sql, None, &args)?;
@@ -54,6 +64,9 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
                 vector_kind: r.get(7)?.unwrap_or_default(),
                 key_columns: r.get::<Vec<String>>(8)?.unwrap_or_default(),
                 batch_size: r.get(9)?.unwrap_or(32),
+                key_type: r.get(10)?,
+                mode: r.get(11)?.unwrap_or_default(),
+                on_error: r.get(12)?.unwrap_or_default(),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -62,13 +75,32 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
 }
 
 impl Watched {
-    /// The row key as text: the primary key value, or a row of them for a composite key.
+    /// The row key as text over table alias `t`: the primary key value, or a row of them for a
+    /// composite key.
     pub fn key_expr(&self) -> String {
-        let cols: Vec<String> = self.key_columns.iter().map(|c| format!("t.{}", quote_identifier(c))).collect();
+        self.key_expr_over("t")
+    }
+
+    pub fn key_expr_over(&self, alias: &str) -> String {
+        let cols: Vec<String> = self
+            .key_columns
+            .iter()
+            .map(|c| format!("{alias}.{}", quote_identifier(c)))
+            .collect();
         if cols.len() == 1 {
             format!("{}::text", cols[0])
         } else {
             format!("ROW({})::text", cols.join(", "))
+        }
+    }
+
+    /// How a failure record names the source, so that a changed source is tried afresh.
+    fn shown_expr(&self) -> String {
+        let src = quote_identifier(&self.source_column);
+        if self.source_kind == "bytea" {
+            format!("'bytea md5:' || md5(t.{src})")
+        } else {
+            format!("t.{src}")
         }
     }
 
@@ -106,7 +138,9 @@ fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
         pg_sys::SetUserIdAndSecContext(
             role,
-            saved_ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+            saved_ctx
+                | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                    as i32,
         );
     }
     // On ERROR the transaction abort restores the user and context.
@@ -126,10 +160,20 @@ fn may_read_server_files(role: pg_sys::Oid) -> bool {
 /// doppler's catalog (the worker itself, or the extension owner for `fill`); vectors are written
 /// as the table owner. Model errors (no model, library missing) are raised: they are not the
 /// rows' fault.
-pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) -> BatchReport {
+///
+/// `only` restricts the claim to these row keys (the sync trigger's rows); with `raise`, the
+/// first bad image raises its ERROR instead of being recorded.
+pub fn run_batch(
+    w: &Watched,
+    limit: i64,
+    catalog_role: pg_sys::Oid,
+    via: &str,
+    only: Option<&[String]>,
+    raise: bool,
+) -> BatchReport {
     let t0 = Instant::now();
     let limit = limit.clamp(1, w.batch_size as i64);
-    let claimed = as_role(catalog_role, || claim(w, limit));
+    let claimed = as_role(catalog_role, || claim(w, limit, only));
     if claimed.is_empty() {
         return BatchReport::default();
     }
@@ -144,13 +188,21 @@ pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) 
                 i,
                 Error::new(
                     ErrorKind::PermissionDenied,
-                    format!("the owner of {} may not read server files ({})", w.name, c.shown),
+                    format!(
+                        "the owner of {} may not read server files ({})",
+                        w.name, c.shown
+                    ),
                 )
-                .with_hint("Grant pg_read_server_files to the table owner, or store the images as bytea."),
+                .with_hint(
+                    "Grant pg_read_server_files to the table owner, or store the images as bytea.",
+                ),
             )),
             Source::Path(p) if !p.starts_with('/') => errors.push((
                 i,
-                Error::new(ErrorKind::Config, format!("image path \"{p}\" is not absolute")),
+                Error::new(
+                    ErrorKind::Config,
+                    format!("image path \"{p}\" is not absolute"),
+                ),
             )),
             s => sources.push((i, s.clone())),
         }
@@ -162,13 +214,22 @@ pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) 
             let pre = session::preprocess_for(model);
             let srcs: Vec<Source> = sources.iter().map(|(_, s)| s.clone()).collect();
             let threads = gucs::DECODE_THREADS.get().max(1) as usize;
-            let prepared = prepare_batch(&srcs, &pre, &gucs::limits(), gucs::max_image_bytes(), threads);
+            let prepared = prepare_batch(
+                &srcs,
+                &pre,
+                &gucs::limits(),
+                gucs::max_image_bytes(),
+                threads,
+            );
             errors.extend(prepared.errors.into_iter().map(|(j, e)| (sources[j].0, e)));
             if !prepared.ok.is_empty() {
                 match model.run(&prepared.tensor, prepared.ok.len()) {
                     Ok(out) => {
                         for (n, &j) in prepared.ok.iter().enumerate() {
-                            filled.push((sources[j].0, out[n * model.dim..(n + 1) * model.dim].to_vec()));
+                            filled.push((
+                                sources[j].0,
+                                out[n * model.dim..(n + 1) * model.dim].to_vec(),
+                            ));
                         }
                     }
                     Err(e) => {
@@ -181,10 +242,19 @@ pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) 
         });
     }
 
+    if raise {
+        if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
+            crate::errors::raise(e);
+        }
+        errors = Vec::new();
+    }
     as_role(w.owner, || write_vectors(w, &claimed, &filled));
     as_role(catalog_role, || {
         record_failures(w, &claimed, &errors);
-        let done: Vec<String> = filled.iter().map(|(i, _)| claimed[*i].key.clone()).collect();
+        let done: Vec<String> = filled
+            .iter()
+            .map(|(i, _)| claimed[*i].key.clone())
+            .collect();
         Spi::run_with_args(
             "DELETE FROM doppler.failures WHERE relid = $1::oid::regclass AND row_key = ANY($2)",
             &[w.relid.into(), done.into()],
@@ -214,38 +284,58 @@ pub fn run_batch(w: &Watched, limit: i64, catalog_role: pg_sys::Oid, via: &str) 
     report
 }
 
-fn claim(w: &Watched, limit: i64) -> Vec<Claimed> {
+fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
     let key = w.key_expr();
     let src = quote_identifier(&w.source_column);
+    let shown = w.shown_expr();
+    let only_filter = match (only, &w.key_type) {
+        (None, _) => String::new(),
+        // one-column key: compare in its own type, so its index can serve
+        (Some(_), Some(ty)) => format!(
+            "AND t.{} = ANY($3::text[]::{ty}[])",
+            quote_identifier(&w.key_columns[0])
+        ),
+        (Some(_), None) => format!("AND {key} = ANY($3::text[])"),
+    };
+    // A failure record holds the row back only while its source is unchanged.
     let sql = format!(
-        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}
+        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}
          FROM {table} t
-         WHERE t.{vec} IS NULL AND t.{src} IS NOT NULL
+         WHERE t.{vec} IS NULL AND t.{src} IS NOT NULL {only_filter}
            AND NOT EXISTS (SELECT 1 FROM doppler.failures f
                            WHERE f.relid = $1::oid::regclass AND f.row_key = {key}
+                             AND f.source IS NOT DISTINCT FROM {shown}
                              AND (f.next_attempt IS NULL OR f.next_attempt > now()))
          LIMIT $2
          FOR UPDATE OF t SKIP LOCKED",
         table = w.name,
         vec = quote_identifier(&w.vector_column),
     );
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![w.relid.into(), limit.into()];
+    if let Some(keys) = only {
+        args.push(keys.to_vec().into());
+    }
     let bytes = w.source_kind == "bytea";
     Spi::connect_mut(|client: &mut SpiClient| {
-        let rows = client.update(&sql, None, &[w.relid.into(), limit.into()])?;
+        let rows = client.update(&sql, None, &args)?;
         let mut out = Vec::new();
         for r in rows {
             let ctid: String = r.get(1)?.unwrap_or_default();
             let tableoid: pg_sys::Oid = r.get(2)?.unwrap_or(pg_sys::InvalidOid);
             let key: String = r.get(3)?.unwrap_or_default();
-            let (source, shown) = if bytes {
-                let b: Vec<u8> = r.get(4)?.unwrap_or_default();
-                let shown = format!("{} bytes", b.len());
-                (Source::Bytes(b), shown)
+            let shown: String = r.get(5)?.unwrap_or_default();
+            let source = if bytes {
+                Source::Bytes(r.get::<Vec<u8>>(4)?.unwrap_or_default())
             } else {
-                let p: String = r.get(4)?.unwrap_or_default();
-                (Source::Path(p.clone()), p)
+                Source::Path(r.get::<String>(4)?.unwrap_or_default())
             };
-            out.push(Claimed { ctid, tableoid, key, source, shown });
+            out.push(Claimed {
+                ctid,
+                tableoid,
+                key,
+                source,
+                shown,
+            });
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
@@ -263,10 +353,21 @@ fn write_vectors(w: &Watched, claimed: &[Claimed], filled: &[(usize, Vec<f32>)])
         cast = w.vector_cast(),
     );
     Spi::connect_mut(|client| {
-        let stmt = client.prepare_mut(&sql, &[pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID), pgrx::PgOid::from(pg_sys::TEXTOID), pgrx::PgOid::from(pg_sys::OIDOID)])?;
+        let stmt = client.prepare_mut(
+            &sql,
+            &[
+                pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
+                pgrx::PgOid::from(pg_sys::TEXTOID),
+                pgrx::PgOid::from(pg_sys::OIDOID),
+            ],
+        )?;
         for (i, v) in filled {
             let c = &claimed[*i];
-            client.update(&stmt, None, &[v.clone().into(), c.ctid.as_str().into(), c.tableoid.into()])?;
+            client.update(
+                &stmt,
+                None,
+                &[v.clone().into(), c.ctid.as_str().into(), c.tableoid.into()],
+            )?;
         }
         Ok::<_, pgrx::spi::Error>(())
     })
@@ -314,5 +415,7 @@ fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) 
 
 /// Postgres packs the five SQLSTATE characters six bits each.
 pub fn unpack_sqlstate(code: i32) -> String {
-    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+    (0..5)
+        .map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char)
+        .collect()
 }

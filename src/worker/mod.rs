@@ -5,11 +5,14 @@
 
 pub mod batch;
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 
 use crate::gucs;
@@ -45,6 +48,7 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
     log!("doppler worker started in database \"{db}\"");
     let mut busy = false;
     let mut last_prune = Instant::now();
+    let mut totals: HashMap<pg_sys::Oid, (i64, i64)> = HashMap::new();
     loop {
         // Sleep only when the last pass found nothing to do; SIGTERM ends the loop either way.
         let naptime = Duration::from_millis(gucs::WORKER_NAPTIME.get() as u64);
@@ -57,7 +61,7 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        busy = one_pass();
+        busy = one_pass(&mut totals);
         if last_prune.elapsed() > Duration::from_secs(600) {
             in_transaction("pruning doppler.batches", || {
                 Spi::run("DELETE FROM doppler.batches WHERE finished_at < now() - interval '1 day'")
@@ -73,12 +77,14 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// One batch of every watched table (highest priority first). True when any row was claimed.
-fn one_pass() -> bool {
+fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
     let tables = in_transaction("reading doppler.watched", || {
-        let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'doppler')")
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+        let installed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'doppler')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
         installed.then(|| batch::load_watched(None))
     })
     .flatten();
@@ -93,10 +99,25 @@ fn one_pass() -> bool {
             break;
         }
         report(&format!("doppler: filling {}", w.name));
-        match in_transaction(&format!("filling {}", w.name), || batch::run_batch(&w, w.batch_size as i64, me, "worker")) {
+        match in_transaction(&format!("filling {}", w.name), || {
+            batch::run_batch(&w, w.batch_size as i64, me, "worker", None, false)
+        }) {
             Some(r) if r.claimed > 0 => {
                 claimed = true;
-                debug1!("doppler: {}: {} filled, {} failed in {:.2}s", w.name, r.filled, r.failed, r.seconds);
+                let t = totals.entry(w.relid).or_default();
+                t.0 += r.filled;
+                t.1 += r.failed;
+                report(&format!(
+                    "doppler: {}.{} +{} ({} filled, {} failed since start)",
+                    w.name, w.vector_column, r.filled, t.0, t.1
+                ));
+                debug1!(
+                    "doppler: {}: {} filled, {} failed in {:.2}s",
+                    w.name,
+                    r.filled,
+                    r.failed,
+                    r.seconds
+                );
             }
             _ => {}
         }
@@ -130,16 +151,16 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
         let f = f;
         Some((f.0.take().expect("run once"))())
     })
-        .catch_others(|e| {
-            let msg = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            warning!("doppler worker: error while {what}, batch rolled back: {msg}");
-            None
-        })
-        .execute();
+    .catch_others(|e| {
+        let msg = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        };
+        warning!("doppler worker: error while {what}, batch rolled back: {msg}");
+        None
+    })
+    .execute();
     unsafe {
         if result.is_some() {
             pg_sys::PopActiveSnapshot();

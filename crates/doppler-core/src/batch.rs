@@ -35,16 +35,30 @@ pub struct Prepared {
 
 /// Reads, decodes and preprocesses `sources` on up to `threads` threads. Threads are created
 /// with every signal blocked, so Postgres signals stay with the calling backend.
-pub fn prepare_batch(sources: &[Source], pre: &Preprocess, limits: &Limits, max_bytes: u64, threads: usize) -> Prepared {
+pub fn prepare_batch(
+    sources: &[Source],
+    pre: &Preprocess,
+    limits: &Limits,
+    max_bytes: u64,
+    threads: usize,
+) -> Prepared {
     let slot_len = pre.slot_len();
     let mut tensor = vec![0f32; sources.len() * slot_len];
-    let results: Vec<Mutex<Option<Result<()>>>> = sources.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Mutex<Option<Result<()>>>> =
+        sources.iter().map(|_| Mutex::new(None)).collect();
     {
-        let work = Mutex::new(sources.iter().zip(tensor.chunks_exact_mut(slot_len)).enumerate());
+        let work = Mutex::new(
+            sources
+                .iter()
+                .zip(tensor.chunks_exact_mut(slot_len))
+                .enumerate(),
+        );
         let job = || loop {
             let next = work.lock().map(|mut w| w.next()).unwrap_or(None);
             let Some((i, (src, slot))) = next else { break };
-            let r = catch_panic("preparing an image", || prepare_one(src, pre, limits, max_bytes, slot));
+            let r = catch_panic("preparing an image", || {
+                prepare_one(src, pre, limits, max_bytes, slot)
+            });
             if let Ok(mut cell) = results[i].lock() {
                 *cell = Some(r);
             }
@@ -75,14 +89,23 @@ pub fn prepare_batch(sources: &[Source], pre: &Preprocess, limits: &Limits, max_
                 ok.push(i);
             }
             Some(Err(e)) => errors.push((i, e)),
-            None => errors.push((i, Error::new(crate::ErrorKind::Internal, "image was not processed"))),
+            None => errors.push((
+                i,
+                Error::new(crate::ErrorKind::Internal, "image was not processed"),
+            )),
         }
     }
     tensor.truncate(ok.len() * slot_len);
     Prepared { tensor, ok, errors }
 }
 
-fn prepare_one(src: &Source, pre: &Preprocess, limits: &Limits, max_bytes: u64, slot: &mut [f32]) -> Result<()> {
+fn prepare_one(
+    src: &Source,
+    pre: &Preprocess,
+    limits: &Limits,
+    max_bytes: u64,
+    slot: &mut [f32],
+) -> Result<()> {
     let what = src.describe();
     let img = match src {
         Source::Path(p) => decode_rgb(&source::read_file(p, max_bytes)?, &what, limits)?,
