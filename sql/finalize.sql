@@ -15,11 +15,14 @@ COMMENT ON FUNCTION @extschema@.session_info() IS
 -- caller's rights; these wrappers give the SQL signatures.
 CREATE FUNCTION @extschema@.watch(tbl regclass, path_column name DEFAULT 'f_img', vector_column name DEFAULT 'features',
                                   batch_size int DEFAULT 32, priority int DEFAULT 0,
-                                  mode text DEFAULT 'async', on_error text DEFAULT 'raise')
-RETURNS text LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
-RETURN @extschema@._watch(tbl::oid, path_column::text, vector_column::text, batch_size, priority, mode, on_error);
-COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text) IS
-  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths; bytea: image bytes) for every row whose vector is NULL. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
+                                  mode text DEFAULT 'async', on_error text DEFAULT 'raise',
+                                  hash_column name DEFAULT NULL, dedup boolean DEFAULT false)
+RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
+RETURN @extschema@._watch(tbl::oid, coalesce(path_column, 'f_img')::text, coalesce(vector_column, 'features')::text,
+                          coalesce(batch_size, 32), coalesce(priority, 0), coalesce(mode, 'async'), coalesce(on_error, 'raise'),
+                          hash_column::text, coalesce(dedup, false));
+COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean) IS
+  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths; bytea: image bytes) for every row whose vector is NULL. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
 
 -- Trigger functions (installed by watch; see src/triggers.rs).
 CREATE FUNCTION @extschema@._clear_stale() RETURNS trigger
@@ -65,6 +68,41 @@ COMMENT ON FUNCTION @extschema@.retry_failed(regclass) IS
 COMMENT ON FUNCTION @extschema@.wake() IS
   'Wake this database''s doppler worker now instead of at its next nap. Returns how many workers were woken.';
 
+-- Reverse image search and near-duplicates (Rust in src/api/search.rs).
+CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2')
+RETURNS TABLE (row_key text, source text, distance float8)
+LANGUAGE sql VOLATILE STRICT PARALLEL SAFE ROWS 12
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
+CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2')
+RETURNS TABLE (row_key text, source text, distance float8)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
+CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2')
+RETURNS TABLE (row_key text, source text, distance float8)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
+COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text) IS
+  'The k rows of a watched table nearest to the image at this server path (euclidean distance as the seed, or metric => ''cosine''). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns.';
+COMMENT ON FUNCTION @extschema@.similar(regclass, bytea, int, text) IS 'The k rows nearest to these image bytes; see similar(regclass, text, ...).';
+COMMENT ON FUNCTION @extschema@.similar(regclass, real[], int, text) IS 'The k rows nearest to this feature vector; see similar(regclass, text, ...).';
+
+CREATE FUNCTION @extschema@.create_index(tbl regclass, metric text DEFAULT 'l2') RETURNS text
+LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
+RETURN @extschema@._create_index(tbl::oid, metric);
+COMMENT ON FUNCTION @extschema@.create_index(regclass, text) IS
+  'Build pgvector''s HNSW index for a watched table: USING hnsw ((col::halfvec(n)) halfvec_l2_ops) for vector(n) columns (a 2048-d vector is over pgvector''s 2000-dimension index limit; halfvec is not), or on the halfvec column itself. doppler.similar uses it. Returns the index name.';
+
+CREATE FUNCTION @extschema@.duplicates(tbl regclass, max_bits int DEFAULT 4)
+RETURNS TABLE (group_id int, size int, row_keys text[], hashes text[])
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+AS $$ SELECT * FROM @extschema@._duplicates(tbl::oid, max_bits) $$;
+COMMENT ON FUNCTION @extschema@.duplicates(regclass, int) IS
+  'Groups of rows whose dHashes are within max_bits of each other, most-posted first (the seed''s most re-posted images). Skip hashes are left out.';
+
+COMMENT ON FUNCTION @extschema@.dhash(text) IS 'imagehash''s dHash (hash_size 8) of the image file at this server path, as 16 hex digits; equal to str(imagehash.dhash(PIL.Image.open(path))).';
+COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8) of these image bytes, as 16 hex digits.';
+COMMENT ON FUNCTION @extschema@.hamming(text, text) IS 'Bits that differ between two dHashes (16 hex digits each).';
+
 -- Row counts of one watched table (a full scan: the status view is for people, not hot paths).
 CREATE FUNCTION @extschema@._counts(tbl regclass, OUT total bigint, OUT done bigint, OUT skipped bigint)
 LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -81,10 +119,11 @@ CREATE VIEW @extschema@.status AS
 SELECT w.relid AS table_name,
        c.total,
        c.done,
-       c.total - c.done - c.skipped - coalesce(f.failed, 0) AS pending,
+       c.total - c.done - c.skipped - coalesce(f.failed, 0) - coalesce(f.skip_hash, 0) AS pending,
        coalesce(f.failed, 0) AS failed,
        coalesce(f.retrying, 0) AS retrying,
-       c.skipped,
+       c.skipped + coalesce(f.skip_hash, 0) AS skipped,
+       coalesce(b.inferences_saved, 0) AS inferences_saved,
        b.last_batch_at,
        b.recent_images_per_sec,
        (SELECT min(a.pid) FROM pg_catalog.pg_stat_activity a
@@ -92,17 +131,18 @@ SELECT w.relid AS table_name,
 FROM @extschema@.watched w
 CROSS JOIN LATERAL @extschema@._counts(w.relid) c
 LEFT JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE next_attempt IS NULL) AS failed,
-           count(*) FILTER (WHERE next_attempt IS NOT NULL) AS retrying
+    SELECT count(*) FILTER (WHERE next_attempt IS NULL AND error_class <> 'skip_hash') AS failed,
+           count(*) FILTER (WHERE next_attempt IS NOT NULL) AS retrying,
+           count(*) FILTER (WHERE error_class = 'skip_hash') AS skip_hash
     FROM @extschema@.failures x WHERE x.relid = w.relid) f ON true
 LEFT JOIN LATERAL (
-    SELECT max(finished_at) AS last_batch_at,
+    SELECT max(finished_at) AS last_batch_at, sum(deduped) AS inferences_saved,
            round((sum(filled) FILTER (WHERE finished_at > now() - interval '5 minutes')
                   / nullif(sum(seconds) FILTER (WHERE finished_at > now() - interval '5 minutes'), 0))::numeric, 2)
              AS recent_images_per_sec
     FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true;
 COMMENT ON VIEW @extschema@.status IS
-  'Per watched table: rows in all, filled (done), still to do (pending, including retrying), given up (failed), waiting for a retry (retrying), NULL source (skipped), last batch, images/s over the last 5 minutes, the worker''s pid.';
+  'Per watched table: rows in all, filled (done), still to do (pending, including retrying), given up (failed), waiting for a retry (retrying), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
 -- (No SET search_path: a procedure with one cannot COMMIT; every name below is qualified.)

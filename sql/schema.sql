@@ -11,6 +11,8 @@ CREATE TABLE @extschema@.watched (
     key_type       text,            -- format_type() of a one-column primary key; NULL when composite
     mode           text NOT NULL DEFAULT 'async' CHECK (mode IN ('async', 'sync', 'manual')),
     on_error       text NOT NULL DEFAULT 'raise' CHECK (on_error IN ('raise', 'defer')),
+    hash_column    name,            -- filled with the dHash of each image when NULL
+    dedup          boolean NOT NULL DEFAULT false CHECK (NOT dedup OR hash_column IS NOT NULL),
     batch_size     int NOT NULL CHECK (batch_size BETWEEN 1 AND 4096),
     priority       int NOT NULL DEFAULT 0,
     watched_since  timestamptz NOT NULL DEFAULT now()
@@ -41,6 +43,7 @@ CREATE TABLE @extschema@.batches (
     claimed      int NOT NULL,
     filled       int NOT NULL,
     failed       int NOT NULL,
+    deduped      int NOT NULL DEFAULT 0,  -- model runs saved by dedup
     seconds      float8 NOT NULL,
     pid          int NOT NULL DEFAULT pg_backend_pid(),
     via          text NOT NULL

@@ -41,3 +41,13 @@ impl<T> OrRaise<T> for doppler_core::Result<T> {
         self.unwrap_or_else(|e| raise(e))
     }
 }
+
+/// Raises an ERROR with a SQLSTATE, message and (if not empty) hint. Does not return.
+pub fn raise_code(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
+    let mut report = ErrorReport::new(code, message, "doppler");
+    if !hint.is_empty() {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}

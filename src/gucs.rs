@@ -36,6 +36,9 @@ pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// `doppler.max_attempts`: attempts per failing row before it is given up.
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// `doppler.skip_hashes`: hashes that mean "no usable image" (dedup skips these rows).
+pub static SKIP_HASHES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"NOHASH,0000000000000000,nan"));
 /// `doppler.retry_backoff`: delay before the first retry (s); doubles with each attempt.
 pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -128,14 +131,17 @@ pub fn init() {
 
 /// Settings of the background worker and of batch filling.
 pub fn init_worker_gucs() {
-    GucRegistry::define_string_guc(
-        c"doppler.worker_databases",
-        c"Comma-separated databases in which a doppler background worker fills watched tables.",
-        c"One worker per database, started at server start when doppler is in shared_preload_libraries. A worker waits until CREATE EXTENSION doppler has run in its database.",
-        &WORKER_DATABASES,
-        GucContext::Postmaster,
-        GucFlags::SUPERUSER_ONLY,
-    );
+    // A server-start setting can only be defined while shared_preload_libraries loads.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"doppler.worker_databases",
+            c"Comma-separated databases in which a doppler background worker fills watched tables.",
+            c"One worker per database, started at server start when doppler is in shared_preload_libraries. A worker waits until CREATE EXTENSION doppler has run in its database.",
+            &WORKER_DATABASES,
+            GucContext::Postmaster,
+            GucFlags::SUPERUSER_ONLY,
+        );
+    }
     GucRegistry::define_int_guc(
         c"doppler.worker_naptime",
         c"How long an idle doppler worker sleeps before looking for work again.",
@@ -173,6 +179,14 @@ pub fn init_worker_gucs() {
         &MAX_ATTEMPTS,
         1,
         1000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"doppler.skip_hashes",
+        c"Comma-separated hash values that mark rows without a usable image; with dedup they are skipped, not inferred.",
+        c"The seed's skip list: NOHASH, 0000000000000000 (a flat image) and nan.",
+        &SKIP_HASHES,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -236,6 +250,14 @@ pub fn max_image_bytes() -> u64 {
 
 pub fn worker_databases() -> Vec<String> {
     string(&WORKER_DATABASES)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+pub fn skip_hashes() -> Vec<String> {
+    string(&SKIP_HASHES)
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())

@@ -324,6 +324,64 @@ mod tests {
         assert_eq!(n, Some(2048));
     }
 
+    #[pg_test]
+    fn dhash_equals_imagehash_and_hamming() {
+        let dir = format!("{}/dhash", fixtures());
+        let list = std::fs::read_to_string(format!("{dir}/dhash.tsv")).expect("dhash fixtures");
+        let mut n = 0;
+        for line in list.lines() {
+            let (name, want) = line.split_once('\t').unwrap();
+            let path = format!("{dir}/{name}");
+            let got = Spi::get_one_with_args::<String>(
+                "SELECT doppler.dhash($1::text)",
+                &[path.as_str().into()],
+            )
+            .unwrap();
+            assert_eq!(got.as_deref(), Some(want), "{name}");
+            let from_bytes = Spi::get_one_with_args::<String>(
+                "SELECT doppler.dhash(pg_read_binary_file($1))",
+                &[path.as_str().into()],
+            )
+            .unwrap();
+            assert_eq!(from_bytes.as_deref(), Some(want), "{name} (bytea)");
+            n += 1;
+        }
+        assert!(n >= 150);
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT doppler.hamming('00ff000000000000', '00fe000000000001')")
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT doppler.hamming(0::bigint, -1::bigint)").unwrap(),
+            Some(64)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT doppler.dhash_to_bigint('ffffffffffffffff')").unwrap(),
+            Some(-1)
+        );
+        assert_error(
+            "SELECT doppler.hamming('nan', '0000000000000000')",
+            "22023",
+            "invalid dHash \"nan\"",
+        );
+        assert_error(
+            "SELECT doppler.l2_distance('{1,2}'::real[], '{1,2,3}'::real[])",
+            "22000",
+            "different vector dimensions 2 and 3",
+        );
+        assert_eq!(
+            Spi::get_one::<f64>("SELECT doppler.l2_distance('{0,3}'::real[], '{4,0}'::real[])")
+                .unwrap(),
+            Some(5.0)
+        );
+        assert_eq!(
+            Spi::get_one::<f64>("SELECT doppler.cosine_distance('{1,0}'::real[], '{0,2}'::real[])")
+                .unwrap(),
+            Some(1.0)
+        );
+    }
+
     fn crc32(data: &[u8]) -> u32 {
         let mut c = 0xFFFF_FFFFu32;
         for &b in data {

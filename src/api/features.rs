@@ -23,6 +23,19 @@ use crate::session;
 #[pg_extern(name = "extract_features", volatile, strict, parallel_safe)]
 fn extract_features_path(path: &str) -> Vec<f32> {
     check_read_server_files(path);
+    check_absolute(path);
+    let bytes = source::read_file(path, crate::gucs::max_image_bytes()).or_raise();
+    features_of(&bytes, &source::describe_path(path))
+}
+
+#[pg_extern(name = "extract_features", stable, strict, parallel_safe)]
+fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
+    check_size(image);
+    features_of(image, &source::describe_bytes(image.len()))
+}
+
+/// Relative paths are refused: they would depend on the server's working directory.
+pub fn check_absolute(path: &str) {
     if !path.starts_with('/') {
         raise(
             Error::new(
@@ -32,12 +45,10 @@ fn extract_features_path(path: &str) -> Vec<f32> {
             .with_hint("doppler reads server files by absolute path only."),
         );
     }
-    let bytes = source::read_file(path, crate::gucs::max_image_bytes()).or_raise();
-    features_of(&bytes, &source::describe_path(path))
 }
 
-#[pg_extern(name = "extract_features", stable, strict, parallel_safe)]
-fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
+/// doppler.max_image_bytes, for values already in the database.
+pub fn check_size(image: &[u8]) {
     let max = crate::gucs::max_image_bytes();
     if image.len() as u64 > max {
         raise(
@@ -51,7 +62,6 @@ fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
             .with_hint("Raise doppler.max_image_bytes to accept larger images."),
         );
     }
-    features_of(image, &source::describe_bytes(image.len()))
 }
 
 /// Describes this backend's model session: the settings it was built with, the execution
@@ -83,7 +93,7 @@ fn session_info() -> TableIterator<
     TableIterator::once(row)
 }
 
-fn features_of(bytes: &[u8], what: &str) -> Vec<f32> {
+pub fn features_of(bytes: &[u8], what: &str) -> Vec<f32> {
     session::with_model(|model| {
         let pre = session::preprocess_for(model);
         let mut slot = vec![0f32; pre.slot_len()];
@@ -93,7 +103,7 @@ fn features_of(bytes: &[u8], what: &str) -> Vec<f32> {
 }
 
 /// Superusers and members of pg_read_server_files only.
-fn check_read_server_files(path: &str) {
+pub fn check_read_server_files(path: &str) {
     // SAFETY: plain catalog lookups on the current user, in a transaction.
     let allowed = unsafe {
         pg_sys::superuser()

@@ -1,3 +1,5 @@
 //! The SQL surface, one file per family.
 pub mod features;
+pub mod hash;
+pub mod search;
 pub mod watch;

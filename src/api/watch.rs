@@ -11,12 +11,7 @@ use crate::triggers;
 use crate::worker::{self, batch};
 
 fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
-    let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, msg, "doppler");
-    if !hint.is_empty() {
-        r = r.set_hint(hint);
-    }
-    r.report(PgLogLevel::ERROR);
-    unreachable!("ERROR does not return")
+    crate::errors::raise_code(code, msg, hint)
 }
 
 /// The extension owner: doppler's catalog is written with its rights.
@@ -80,14 +75,23 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Option<(String, String, i32)> {
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::too_many_arguments)]
 fn _watch(
-    relid: pg_sys::Oid,
+    relid: Option<pg_sys::Oid>,
     source_column: &str,
     vector_column: &str,
     batch_size: i32,
     priority: i32,
     mode: &str,
     on_error: &str,
+    hash_column: Option<&str>,
+    dedup: bool,
 ) -> String {
+    let Some(relid) = relid else {
+        fail(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "the table to watch must not be NULL".into(),
+            "",
+        )
+    };
     let rel = owned_table(relid);
     let name = &rel.name;
     if !["async", "sync", "manual"].contains(&mode) {
@@ -203,6 +207,41 @@ fn _watch(
             "Watching a path column reads server files with the table owner's rights: grant pg_read_server_files to the owner, or store the images as bytea.",
         );
     }
+    if let Some(h) = hash_column {
+        match column_type(relid, h) {
+            None => fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!(
+                    "column {} of table {name} does not exist",
+                    quote_identifier(h)
+                ),
+                "",
+            ),
+            Some((t, _, _)) if t == "text" || t == "varchar" => {}
+            Some((_, shown, _)) => fail(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "hash column {} of table {name} is {shown}",
+                    quote_identifier(h)
+                ),
+                "The hash column holds dHash strings (text).",
+            ),
+        }
+        if h == source_column || h == vector_column {
+            fail(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "the hash column must differ from the source and vector columns".into(),
+                "",
+            );
+        }
+    }
+    if dedup && hash_column.is_none() {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "dedup needs a hash column".into(),
+            "Pass hash_column => 'd_hash' (a text column) with dedup => true.",
+        );
+    }
     let key_type = if keys.len() == 1 {
         column_type(relid, &keys[0]).map(|(_, shown, _)| shown)
     } else {
@@ -212,12 +251,13 @@ fn _watch(
     as_catalog(owner, || {
         Spi::run_with_args(
             "INSERT INTO doppler.watched (relid, source_column, source_kind, vector_column, vector_kind, key_columns, batch_size, priority,
-                                          key_type, mode, on_error)
-             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11)
+                                          key_type, mode, on_error, hash_column, dedup)
+             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (relid) DO UPDATE SET source_column = EXCLUDED.source_column, source_kind = EXCLUDED.source_kind,
                 vector_column = EXCLUDED.vector_column, vector_kind = EXCLUDED.vector_kind, key_columns = EXCLUDED.key_columns,
                 batch_size = EXCLUDED.batch_size, priority = EXCLUDED.priority, key_type = EXCLUDED.key_type,
-                mode = EXCLUDED.mode, on_error = EXCLUDED.on_error",
+                mode = EXCLUDED.mode, on_error = EXCLUDED.on_error,
+                hash_column = EXCLUDED.hash_column, dedup = EXCLUDED.dedup",
             &[
                 relid.into(),
                 source_column.into(),
@@ -230,6 +270,8 @@ fn _watch(
                 key_type.into(),
                 mode.into(),
                 on_error.into(),
+                hash_column.into(),
+                dedup.into(),
             ],
         )
     })

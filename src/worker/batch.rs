@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use doppler_core::{prepare_batch, Error, ErrorKind, Source};
+use doppler_core::{dhash, prepare_batch, Error, ErrorKind, Source};
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiClient};
 
@@ -28,12 +28,14 @@ pub struct Watched {
     pub batch_size: i32,
     pub mode: String,
     pub on_error: String,
+    pub hash_column: Option<String>,
+    pub dedup: bool,
 }
 
 const WATCHED_SQL: &str = "
     SELECT w.relid::oid, format('%I.%I', n.nspname, c.relname), c.relowner, w.source_column::text,
            w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size,
-           w.key_type, w.mode, w.on_error
+           w.key_type, w.mode, w.on_error, w.hash_column::text, w.dedup
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid = w.relid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
@@ -67,6 +69,8 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
                 key_type: r.get(10)?,
                 mode: r.get(11)?.unwrap_or_default(),
                 on_error: r.get(12)?.unwrap_or_default(),
+                hash_column: r.get(13)?,
+                dedup: r.get(14)?.unwrap_or(false),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -119,7 +123,18 @@ pub struct BatchReport {
     pub claimed: i64,
     pub filled: i64,
     pub failed: i64,
+    /// Rows with a skip hash (dedup): not inferred, not failed.
+    pub skipped: i64,
+    /// Model runs saved by dedup: vectors copied or shared instead of inferred.
+    pub deduped: i64,
     pub seconds: f64,
+}
+
+/// What a batch writes into one claimed row.
+#[derive(Default)]
+struct Outcome {
+    vector: Option<Vec<f32>>,
+    hash: Option<String>,
 }
 
 struct Claimed {
@@ -128,6 +143,10 @@ struct Claimed {
     key: String,
     source: Source,
     shown: String,
+    /// The row's hash column, when it already has a value.
+    hash: Option<String>,
+    /// The vector is there already; only the hash is missing.
+    has_vector: bool,
 }
 
 /// Runs `f` as `role` (for writes into a user's table: its triggers then run with the owner's
@@ -208,7 +227,12 @@ pub fn run_batch(
         }
     }
 
-    let mut filled = Vec::new();
+    // Decode + preprocess on threads; then one model run over the rows that need features
+    // (with dedup: one slot per distinct hash, and none for hashes the table already has).
+    let want_hash = w.hash_column.is_some();
+    let mut outcomes: Vec<Outcome> = claimed.iter().map(|_| Outcome::default()).collect();
+    let mut skips: Vec<(usize, String)> = Vec::new();
+    let mut deduped = 0i64;
     if !sources.is_empty() {
         session::with_model(|model| {
             let pre = session::preprocess_for(model);
@@ -220,22 +244,88 @@ pub fn run_batch(
                 &gucs::limits(),
                 gucs::max_image_bytes(),
                 threads,
+                want_hash,
             );
-            errors.extend(prepared.errors.into_iter().map(|(j, e)| (sources[j].0, e)));
-            if !prepared.ok.is_empty() {
-                match model.run(&prepared.tensor, prepared.ok.len()) {
-                    Ok(out) => {
-                        for (n, &j) in prepared.ok.iter().enumerate() {
-                            filled.push((
-                                sources[j].0,
-                                out[n * model.dim..(n + 1) * model.dim].to_vec(),
-                            ));
+            errors.extend(
+                prepared
+                    .errors
+                    .iter()
+                    .map(|(j, e)| (sources[*j].0, Error::new(e.kind, e.message.clone()))),
+            );
+            let skip_list = gucs::skip_hashes();
+            // rows to infer, grouped: by hash with dedup, else one group per row
+            let mut groups: Vec<(String, Vec<usize>, usize)> = Vec::new(); // (group key, rows, source index j)
+            for &j in &prepared.ok {
+                let i = sources[j].0;
+                let c = &claimed[i];
+                let hash = c
+                    .hash
+                    .clone()
+                    .or_else(|| prepared.hashes[j].map(dhash::to_hex));
+                if c.hash.is_none() {
+                    outcomes[i].hash = hash.clone();
+                }
+                if c.has_vector {
+                    continue; // only its hash was missing
+                }
+                if w.dedup {
+                    if let Some(h) = hash.as_ref().filter(|h| skip_list.iter().any(|s| s == *h)) {
+                        skips.push((i, h.clone()));
+                        continue;
+                    }
+                }
+                let key = match (&hash, w.dedup) {
+                    (Some(h), true) => h.clone(),
+                    _ => format!("row {i}"),
+                };
+                match groups.iter_mut().find(|g| g.0 == key) {
+                    Some(g) => g.1.push(i),
+                    None => groups.push((key, vec![i], j)),
+                }
+            }
+            if w.dedup && !groups.is_empty() {
+                let known = as_role(w.owner, || {
+                    existing_vectors(w, &groups.iter().map(|g| g.0.clone()).collect::<Vec<_>>())
+                });
+                groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
+                    Some((_, v)) => {
+                        for &i in rows {
+                            outcomes[i].vector = Some(v.clone());
+                        }
+                        deduped += rows.len() as i64;
+                        false
+                    }
+                    None => true,
+                });
+            }
+            if groups.is_empty() {
+                return;
+            }
+            let slot_len = pre.slot_len();
+            let mut tensor = Vec::with_capacity(groups.len() * slot_len);
+            for (_, _, j) in &groups {
+                tensor.extend_from_slice(
+                    prepared
+                        .slot(*j, slot_len)
+                        .expect("prepared row has a slot"),
+                );
+            }
+            match model.run(&tensor, groups.len()) {
+                Ok(out) => {
+                    for (n, (_, rows, _)) in groups.iter().enumerate() {
+                        deduped += rows.len() as i64 - 1;
+                        for &i in rows {
+                            outcomes[i].vector =
+                                Some(out[n * model.dim..(n + 1) * model.dim].to_vec());
                         }
                     }
-                    Err(e) => {
-                        for &j in &prepared.ok {
-                            errors.push((sources[j].0, Error::new(e.kind, e.message.clone())));
-                        }
+                }
+                Err(e) => {
+                    for (_, rows, _) in &groups {
+                        errors.extend(
+                            rows.iter()
+                                .map(|&i| (i, Error::new(e.kind, e.message.clone()))),
+                        );
                     }
                 }
             }
@@ -248,28 +338,34 @@ pub fn run_batch(
         }
         errors = Vec::new();
     }
-    as_role(w.owner, || write_vectors(w, &claimed, &filled));
+    as_role(w.owner, || write_rows(w, &claimed, &outcomes));
+    let filled = outcomes.iter().filter(|o| o.vector.is_some()).count() as i64;
     as_role(catalog_role, || {
         record_failures(w, &claimed, &errors);
-        let done: Vec<String> = filled
+        record_skips(w, &claimed, &skips);
+        let settled: Vec<String> = claimed
             .iter()
-            .map(|(i, _)| claimed[*i].key.clone())
+            .zip(&outcomes)
+            .filter(|(c, o)| o.vector.is_some() || (c.has_vector && o.hash.is_some()))
+            .map(|(c, _)| c.key.clone())
             .collect();
         Spi::run_with_args(
             "DELETE FROM doppler.failures WHERE relid = $1::oid::regclass AND row_key = ANY($2)",
-            &[w.relid.into(), done.into()],
+            &[w.relid.into(), settled.into()],
         )
         .unwrap_or_else(|e| pgrx::error!("doppler: could not clear failures of {}: {e}", w.name));
     });
     let report = BatchReport {
         claimed: claimed.len() as i64,
-        filled: filled.len() as i64,
+        filled,
         failed: errors.len() as i64,
+        skipped: skips.len() as i64,
+        deduped,
         seconds: t0.elapsed().as_secs_f64(),
     };
     as_role(catalog_role, || {
         Spi::run_with_args(
-            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via) VALUES ($1::oid::regclass, $2, $3, $4, $5, $6)",
+            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped) VALUES ($1::oid::regclass, $2, $3, $4, $5, $6, $7)",
             &[
                 w.relid.into(),
                 (report.claimed as i32).into(),
@@ -277,6 +373,7 @@ pub fn run_batch(
                 (report.failed as i32).into(),
                 report.seconds.into(),
                 via.into(),
+                (report.deduped as i32).into(),
             ],
         )
         .unwrap_or_else(|e| pgrx::error!("doppler: could not log a batch: {e}"));
@@ -297,11 +394,22 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
         ),
         (Some(_), None) => format!("AND {key} = ANY($3::text[])"),
     };
+    let vec = quote_identifier(&w.vector_column);
+    let (hash_sel, todo) = match &w.hash_column {
+        Some(h) => {
+            let h = quote_identifier(h);
+            (
+                format!("t.{h}::text"),
+                format!("(t.{vec} IS NULL OR t.{h} IS NULL)"),
+            )
+        }
+        None => ("NULL::text".to_string(), format!("t.{vec} IS NULL")),
+    };
     // A failure record holds the row back only while its source is unchanged.
     let sql = format!(
-        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}
+        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, t.{vec} IS NOT NULL
          FROM {table} t
-         WHERE t.{vec} IS NULL AND t.{src} IS NOT NULL {only_filter}
+         WHERE {todo} AND t.{src} IS NOT NULL {only_filter}
            AND NOT EXISTS (SELECT 1 FROM doppler.failures f
                            WHERE f.relid = $1::oid::regclass AND f.row_key = {key}
                              AND f.source IS NOT DISTINCT FROM {shown}
@@ -309,7 +417,6 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
          LIMIT $2
          FOR UPDATE OF t SKIP LOCKED",
         table = w.name,
-        vec = quote_identifier(&w.vector_column),
     );
     let mut args: Vec<pgrx::datum::DatumWithOid> = vec![w.relid.into(), limit.into()];
     if let Some(keys) = only {
@@ -329,12 +436,16 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
             } else {
                 Source::Path(r.get::<String>(4)?.unwrap_or_default())
             };
+            let hash: Option<String> = r.get(6)?;
+            let has_vector: bool = r.get(7)?.unwrap_or(false);
             out.push(Claimed {
                 ctid,
                 tableoid,
                 key,
                 source,
                 shown,
+                hash,
+                has_vector,
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -342,36 +453,98 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
     .unwrap_or_else(|e| pgrx::error!("doppler: could not claim rows of {}: {e}", w.name))
 }
 
-fn write_vectors(w: &Watched, claimed: &[Claimed], filled: &[(usize, Vec<f32>)]) {
-    if filled.is_empty() {
+fn write_rows(w: &Watched, claimed: &[Claimed], outcomes: &[Outcome]) {
+    if outcomes
+        .iter()
+        .all(|o| o.vector.is_none() && o.hash.is_none())
+    {
         return;
     }
+    let vec = quote_identifier(&w.vector_column);
+    let hash_set = match &w.hash_column {
+        Some(h) => {
+            let h = quote_identifier(h);
+            format!(", {h} = coalesce({h}, $4)")
+        }
+        None => String::new(),
+    };
     let sql = format!(
-        "UPDATE {table} SET {vec} = $1::real[]{cast} WHERE ctid = $2::tid AND tableoid = $3",
+        "UPDATE {table} SET {vec} = coalesce($1::real[]{cast}, {vec}){hash_set} WHERE ctid = $2::tid AND tableoid = $3",
         table = w.name,
-        vec = quote_identifier(&w.vector_column),
         cast = w.vector_cast(),
     );
+    let mut types = vec![
+        pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
+        pgrx::PgOid::from(pg_sys::TEXTOID),
+        pgrx::PgOid::from(pg_sys::OIDOID),
+    ];
+    if w.hash_column.is_some() {
+        types.push(pgrx::PgOid::from(pg_sys::TEXTOID));
+    }
     Spi::connect_mut(|client| {
-        let stmt = client.prepare_mut(
-            &sql,
-            &[
-                pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
-                pgrx::PgOid::from(pg_sys::TEXTOID),
-                pgrx::PgOid::from(pg_sys::OIDOID),
-            ],
-        )?;
-        for (i, v) in filled {
-            let c = &claimed[*i];
-            client.update(
-                &stmt,
-                None,
-                &[v.clone().into(), c.ctid.as_str().into(), c.tableoid.into()],
-            )?;
+        let stmt = client.prepare_mut(&sql, &types)?;
+        for (c, o) in claimed.iter().zip(outcomes) {
+            if o.vector.is_none() && o.hash.is_none() {
+                continue;
+            }
+            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+                o.vector.clone().into(),
+                c.ctid.as_str().into(),
+                c.tableoid.into(),
+            ];
+            if w.hash_column.is_some() {
+                args.push(o.hash.clone().into());
+            }
+            client.update(&stmt, None, &args)?;
         }
         Ok::<_, pgrx::spi::Error>(())
     })
     .unwrap_or_else(|e| pgrx::error!("doppler: could not write vectors into {}: {e}", w.name));
+}
+
+/// Vectors the table already has for these hashes (dedup), as real[].
+fn existing_vectors(w: &Watched, hashes: &[String]) -> Vec<(String, Vec<f32>)> {
+    let Some(h) = &w.hash_column else {
+        return Vec::new();
+    };
+    let (h, vec) = (quote_identifier(h), quote_identifier(&w.vector_column));
+    let sql = format!(
+        "SELECT DISTINCT ON (t.{h}) t.{h}::text, t.{vec}::real[] FROM {table} t
+         WHERE t.{h} = ANY($1) AND t.{vec} IS NOT NULL",
+        table = w.name
+    );
+    Spi::connect(|client| {
+        client
+            .select(&sql, None, &[hashes.to_vec().into()])?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<Vec<f32>>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not look up known hashes in {}: {e}", w.name))
+}
+
+/// Rows whose hash is a skip hash: recorded as skipped (class skip_hash, never retried).
+fn record_skips(w: &Watched, claimed: &[Claimed], skips: &[(usize, String)]) {
+    for (i, h) in skips {
+        let c = &claimed[*i];
+        Spi::run_with_args(
+            "INSERT INTO doppler.failures AS f (relid, row_key, source, error_class, sqlstate, message, next_attempt)
+             VALUES ($1::oid::regclass, $2, $3, 'skip_hash', '00000', $4, NULL)
+             ON CONFLICT (relid, row_key) DO UPDATE SET source = EXCLUDED.source, error_class = 'skip_hash',
+                sqlstate = '00000', message = EXCLUDED.message, last_attempt = now(), next_attempt = NULL",
+            &[
+                w.relid.into(),
+                c.key.as_str().into(),
+                c.shown.as_str().into(),
+                format!("skipped: its hash {h} is in doppler.skip_hashes").into(),
+            ],
+        )
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not record a skipped row of {}: {e}", w.name));
+    }
 }
 
 fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) {

@@ -26,11 +26,21 @@ impl Source {
 }
 
 /// A prepared batch: the input tensor holds `ok.len()` slots, in the order of `ok`
-/// (indices into the sources); `errors` holds the rest, by index.
+/// (indices into the sources); `errors` holds the rest, by index. With `want_hash`, `hashes[i]`
+/// is the dHash of source `i` (None where it could not be decoded).
 pub struct Prepared {
     pub tensor: Vec<f32>,
     pub ok: Vec<usize>,
     pub errors: Vec<(usize, Error)>,
+    pub hashes: Vec<Option<u64>>,
+}
+
+impl Prepared {
+    /// The input slot of source `i`, if it was prepared.
+    pub fn slot(&self, i: usize, slot_len: usize) -> Option<&[f32]> {
+        let n = self.ok.iter().position(|&j| j == i)?;
+        Some(&self.tensor[n * slot_len..(n + 1) * slot_len])
+    }
 }
 
 /// Reads, decodes and preprocesses `sources` on up to `threads` threads. Threads are created
@@ -41,10 +51,11 @@ pub fn prepare_batch(
     limits: &Limits,
     max_bytes: u64,
     threads: usize,
+    want_hash: bool,
 ) -> Prepared {
     let slot_len = pre.slot_len();
     let mut tensor = vec![0f32; sources.len() * slot_len];
-    let results: Vec<Mutex<Option<Result<()>>>> =
+    let results: Vec<Mutex<Option<Result<Option<u64>>>>> =
         sources.iter().map(|_| Mutex::new(None)).collect();
     {
         let work = Mutex::new(
@@ -57,7 +68,7 @@ pub fn prepare_batch(
             let next = work.lock().map(|mut w| w.next()).unwrap_or(None);
             let Some((i, (src, slot))) = next else { break };
             let r = catch_panic("preparing an image", || {
-                prepare_one(src, pre, limits, max_bytes, slot)
+                prepare_one(src, pre, limits, max_bytes, slot, want_hash)
             });
             if let Ok(mut cell) = results[i].lock() {
                 *cell = Some(r);
@@ -78,9 +89,11 @@ pub fn prepare_batch(
     }
     let mut ok = Vec::with_capacity(sources.len());
     let mut errors = Vec::new();
+    let mut hashes = vec![None; sources.len()];
     for (i, cell) in results.into_iter().enumerate() {
         match cell.into_inner().ok().flatten() {
-            Some(Ok(())) => {
+            Some(Ok(hash)) => {
+                hashes[i] = hash;
                 // compact: move slot i down to position ok.len()
                 let dst = ok.len();
                 if dst != i {
@@ -96,7 +109,12 @@ pub fn prepare_batch(
         }
     }
     tensor.truncate(ok.len() * slot_len);
-    Prepared { tensor, ok, errors }
+    Prepared {
+        tensor,
+        ok,
+        errors,
+        hashes,
+    }
 }
 
 fn prepare_one(
@@ -105,7 +123,8 @@ fn prepare_one(
     limits: &Limits,
     max_bytes: u64,
     slot: &mut [f32],
-) -> Result<()> {
+    want_hash: bool,
+) -> Result<Option<u64>> {
     let what = src.describe();
     let img = match src {
         Source::Path(p) => decode_rgb(&source::read_file(p, max_bytes)?, &what, limits)?,
@@ -118,5 +137,5 @@ fn prepare_one(
         Source::Bytes(b) => decode_rgb(b, &what, limits)?,
     };
     pre.write_slot(&img, slot);
-    Ok(())
+    Ok(want_hash.then(|| crate::dhash::dhash(&img)))
 }

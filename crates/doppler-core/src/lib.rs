@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod decode;
+pub mod dhash;
 pub mod error;
 pub mod model;
 pub mod preprocess;

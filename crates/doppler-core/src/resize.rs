@@ -8,13 +8,50 @@ use crate::decode::RgbImage;
 /// Fixed-point precision of PIL's 8-bit resampler: `32 - 8 - 2`.
 const PRECISION_BITS: u32 = 22;
 
-/// PIL's bilinear (triangle) filter; its support is 1.
-fn bilinear(x: f64) -> f64 {
-    let x = x.abs();
-    if x < 1.0 {
-        1.0 - x
+/// A resampling filter of Pillow's: the kernel and its support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BILINEAR` (triangle), support 1: torchvision's `Resize` on PIL images.
+    Bilinear,
+    /// `Image.LANCZOS` (a.k.a. ANTIALIAS), support 3: imagehash's resize.
+    Lanczos,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
     } else {
-        0.0
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
     }
 }
 
@@ -26,10 +63,10 @@ struct Coeffs {
 }
 
 /// `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the full box `[0, in_size)`.
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = filterscale; // bilinear support (1.0) * filterscale
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -43,7 +80,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let (xmin, xmax) = (xmin as usize, xmax.max(0) as usize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            let w = bilinear(((x + xmin) as f64 - center + 0.5) * ss);
+            let w = filter.weight(((x + xmin) as f64 - center + 0.5) * ss);
             *kx = w;
             ww += w;
         }
@@ -76,33 +113,41 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
-/// Horizontal pass over rows `first..first + rows` of a packed RGB8 image `in_w` wide.
-fn horizontal(src: &[u8], in_w: usize, first: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
+/// Horizontal pass over rows `first..first + rows` of a packed `ch`-channel image `in_w` wide.
+fn horizontal(
+    src: &[u8],
+    in_w: usize,
+    ch: usize,
+    first: usize,
+    rows: usize,
+    c: &Coeffs,
+) -> Vec<u8> {
     let ow = c.bounds.len();
-    let mut out = vec![0u8; ow * rows * 3];
+    let mut out = vec![0u8; ow * rows * ch];
+    let mut ss = [0i32; 4];
     for y in 0..rows {
-        let row = &src[(y + first) * in_w * 3..(y + first + 1) * in_w * 3];
-        let orow = &mut out[y * ow * 3..(y + 1) * ow * 3];
+        let row = &src[(y + first) * in_w * ch..(y + first + 1) * in_w * ch];
+        let orow = &mut out[y * ow * ch..(y + 1) * ow * ch];
         for (xx, &(xmin, xmax)) in c.bounds.iter().enumerate() {
             let k = &c.weights[xx * c.ksize..xx * c.ksize + xmax];
-            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            ss[..ch].fill(1 << (PRECISION_BITS - 1));
             for (x, &w) in k.iter().enumerate() {
-                let p = &row[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                ss[0] += p[0] as i32 * w;
-                ss[1] += p[1] as i32 * w;
-                ss[2] += p[2] as i32 * w;
+                let p = &row[(x + xmin) * ch..(x + xmin + 1) * ch];
+                for (s, &v) in ss.iter_mut().zip(p) {
+                    *s += v as i32 * w;
+                }
             }
-            orow[xx * 3] = clip8(ss[0]);
-            orow[xx * 3 + 1] = clip8(ss[1]);
-            orow[xx * 3 + 2] = clip8(ss[2]);
+            for (o, &s) in orow[xx * ch..(xx + 1) * ch].iter_mut().zip(&ss) {
+                *o = clip8(s);
+            }
         }
     }
     out
 }
 
-/// Vertical pass of a packed RGB8 image `w` wide; `c.bounds` index rows of `src`.
-fn vertical(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
-    let stride = w * 3;
+/// Vertical pass of a packed `ch`-channel image `w` wide; `c.bounds` index rows of `src`.
+fn vertical(src: &[u8], w: usize, ch: usize, c: &Coeffs) -> Vec<u8> {
+    let stride = w * ch;
     let oh = c.bounds.len();
     let mut out = vec![0u8; stride * oh];
     let mut acc = vec![0i32; stride];
@@ -122,39 +167,67 @@ fn vertical(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
     out
 }
 
-/// Resizes packed RGB8 to `out_w × out_h` exactly as PIL's bilinear `resize` does (Pillow 13's
-/// `ImagingResampleInner`, pass order included: the vertical pass runs first when the height
-/// shrinks by more than twice as many pixels as the width; older Pillow always ran the horizontal
-/// pass first, which can differ by one level in some pixels).
+/// Resizes packed RGB8 to `out_w × out_h` exactly as PIL's bilinear `resize` does.
 pub fn resize_bilinear(src: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    let (in_w, in_h) = (src.width as usize, src.height as usize);
+    let data = resample(
+        &src.data,
+        src.width,
+        src.height,
+        3,
+        out_w,
+        out_h,
+        Filter::Bilinear,
+    );
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}
+
+/// Resamples a packed 8-bit image of `ch` channels (1 or 3) exactly as Pillow 13's
+/// `ImagingResampleInner` does, pass order included: the vertical pass runs first when the height
+/// shrinks by more than twice as many pixels as the width (older Pillow always ran the horizontal
+/// pass first, which can differ by one level in some pixels).
+pub fn resample(
+    src: &[u8],
+    in_w: u32,
+    in_h: u32,
+    ch: usize,
+    out_w: u32,
+    out_h: u32,
+    filter: Filter,
+) -> Vec<u8> {
+    let (in_w, in_h) = (in_w as usize, in_h as usize);
     let (ow, oh) = (out_w as usize, out_h as usize);
     let need_h = ow != in_w;
     let need_v = oh != in_h;
     let (dw, dh) = (in_w as i64 - ow as i64, in_h as i64 - oh as i64);
     let horizontal_first = !(dh > 0 && dh > dw * 2);
-    let data = match (need_h, need_v) {
-        (false, false) => src.data.clone(),
-        (true, false) => horizontal(&src.data, in_w, 0, in_h, &coeffs(in_w, ow)),
-        (false, true) => vertical(&src.data, in_w, &coeffs(in_h, oh)),
+    match (need_h, need_v) {
+        (false, false) => src.to_vec(),
+        (true, false) => horizontal(src, in_w, ch, 0, in_h, &coeffs(in_w, ow, filter)),
+        (false, true) => vertical(src, in_w, ch, &coeffs(in_h, oh, filter)),
         (true, true) if horizontal_first => {
-            let mut vert = coeffs(in_h, oh);
+            let mut vert = coeffs(in_h, oh, filter);
             // only the source rows the vertical pass reads go through the horizontal pass
             let first = vert.bounds[0].0;
             let last = vert.bounds[oh - 1].0 + vert.bounds[oh - 1].1;
             vert.bounds.iter_mut().for_each(|b| b.0 -= first);
-            let tmp = horizontal(&src.data, in_w, first, last - first, &coeffs(in_w, ow));
-            vertical(&tmp, ow, &vert)
+            let tmp = horizontal(
+                src,
+                in_w,
+                ch,
+                first,
+                last - first,
+                &coeffs(in_w, ow, filter),
+            );
+            vertical(&tmp, ow, ch, &vert)
         }
         (true, true) => {
-            let tmp = vertical(&src.data, in_w, &coeffs(in_h, oh));
-            horizontal(&tmp, in_w, 0, oh, &coeffs(in_w, ow))
+            let tmp = vertical(src, in_w, ch, &coeffs(in_h, oh, filter));
+            horizontal(&tmp, in_w, ch, 0, oh, &coeffs(in_w, ow, filter))
         }
-    };
-    RgbImage {
-        width: out_w,
-        height: out_h,
-        data,
     }
 }
 
@@ -202,7 +275,7 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (i, o) in [(640, 224), (7, 224), (3000, 224), (224, 224)] {
-            let c = coeffs(i, o);
+            let c = coeffs(i, o, Filter::Bilinear);
             for (xx, &(_, n)) in c.bounds.iter().enumerate() {
                 let s: i32 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().sum();
                 assert!(

@@ -95,3 +95,30 @@ fn features_match_the_python_reference() {
         );
     }
 }
+
+#[test]
+fn dhash_equals_imagehash_on_every_generated_image() {
+    let dir = format!("{}/dhash", env("DOPPLER_FIXTURES", "/opt/doppler/fixtures"));
+    let list = std::fs::read_to_string(format!("{dir}/dhash.tsv"))
+        .expect("dhash fixtures (run scripts/setup first)");
+    let mut wrong = Vec::new();
+    let mut n = 0;
+    for line in list.lines() {
+        let (name, want) = line.split_once('\t').unwrap();
+        let bytes = std::fs::read(format!("{dir}/{name}")).unwrap();
+        let img =
+            decode_rgb(&bytes, name, &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = doppler_core::dhash::to_hex(doppler_core::dhash::dhash(&img));
+        if got != want {
+            wrong.push(format!("{name}: {got} != {want}"));
+        }
+        n += 1;
+    }
+    assert!(n >= 150, "only {n} images");
+    assert!(
+        wrong.is_empty(),
+        "{} of {n} differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}

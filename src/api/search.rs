@@ -1,0 +1,378 @@
+//! Reverse image search and near-duplicate groups.
+//!
+//! * `doppler.l2_distance(real[], real[])`, `doppler.cosine_distance(real[], real[])`: exact
+//!   distances in Rust (IMMUTABLE), for `real[]` columns.
+//! * `doppler.similar(tbl, query, k, metric)`: the k nearest rows of a watched table to a path,
+//!   image bytes or a feature vector: an exact scan on `real[]` columns; pgvector's operators (and
+//!   its HNSW index, when `doppler.create_index` built one) on `vector`/`halfvec` columns.
+//! * `doppler.create_index(tbl, metric)`: HNSW over `(col::halfvec(n))` for `vector(n)` columns
+//!   (pgvector cannot index a 2048-d `vector`, but can a `halfvec`), or over `col` for `halfvec`.
+//! * `doppler.duplicates(tbl, max_bits)`: groups of rows whose dHashes are within `max_bits`,
+//!   largest first (the seed's "most re-posted images").
+
+use doppler_core::dhash;
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+
+use crate::api::features::{check_read_server_files, check_size, features_of};
+use crate::gucs;
+use crate::worker::batch::{self, Watched};
+
+fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
+    crate::errors::raise_code(code, msg, hint)
+}
+
+fn same_len(a: &[f32], b: &[f32]) {
+    if a.len() != b.len() {
+        fail(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("different vector dimensions {} and {}", a.len(), b.len()),
+            "",
+        );
+    }
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn l2_distance(a: Vec<f32>, b: Vec<f32>) -> f64 {
+    same_len(&a, &b);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn cosine_distance(a: Vec<f32>, b: Vec<f32>) -> f64 {
+    same_len(&a, &b);
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(&b) {
+        dot += x as f64 * y as f64;
+        na += (x as f64).powi(2);
+        nb += (y as f64).powi(2);
+    }
+    if na == 0.0 || nb == 0.0 {
+        return f64::NAN;
+    }
+    1.0 - dot / (na.sqrt() * nb.sqrt())
+}
+
+fn watched(relid: pg_sys::Oid) -> Watched {
+    batch::load_watched(Some(relid))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| {
+            fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!(
+                    "relation with OID {} is not watched by doppler",
+                    relid.to_u32()
+                ),
+                "doppler.similar and doppler.duplicates work on watched tables (doppler.watch).",
+            )
+        })
+}
+
+/// The HNSW index doppler would use for `w`'s vector column and metric, if one exists.
+fn hnsw_index(w: &Watched, ops: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT c.relname::text FROM pg_catalog.pg_index i
+         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+         JOIN pg_catalog.pg_am a ON a.oid = c.relam
+         JOIN pg_catalog.pg_opclass o ON o.oid = i.indclass[0]
+         WHERE i.indrelid = $1 AND a.amname = 'hnsw' AND o.opcname = $2 LIMIT 1",
+        &[w.relid.into(), ops.into()],
+    )
+    .ok()
+    .flatten()
+}
+
+fn dims(w: &Watched) -> i32 {
+    Spi::get_one_with_args::<i32>(
+        "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2",
+        &[w.relid.into(), w.vector_column.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(-1)
+}
+
+fn search(
+    relid: pg_sys::Oid,
+    q: Vec<f32>,
+    k: i32,
+    metric: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(distance, f64),
+    ),
+> {
+    let w = watched(relid);
+    let cosine = match metric {
+        "l2" => false,
+        "cosine" => true,
+        _ => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("metric must be l2 or cosine, not \"{metric}\""),
+            "",
+        ),
+    };
+    let vec = format!("t.{}", quote_identifier(&w.vector_column));
+    let src = if w.source_kind == "bytea" {
+        format!(
+            "'bytea, ' || octet_length(t.{}) || ' bytes'",
+            quote_identifier(&w.source_column)
+        )
+    } else {
+        format!("t.{}::text", quote_identifier(&w.source_column))
+    };
+    let key = w.key_expr();
+    let (op, suffix) = if cosine {
+        ("<=>", "cosine")
+    } else {
+        ("<->", "l2")
+    };
+    let (distance, order) = match w.vector_kind.as_str() {
+        "real[]" => {
+            let f = if cosine {
+                "doppler.cosine_distance"
+            } else {
+                "doppler.l2_distance"
+            };
+            (format!("{f}({vec}, $1)"), "3".to_string())
+        }
+        "vector" => {
+            let n = dims(&w);
+            let exact = format!("({vec} {op} $1::real[]::vector)");
+            // the halfvec expression index, when there is one; exact distances are reported
+            match hnsw_index(&w, &format!("halfvec_{suffix}_ops")) {
+                Some(_) if n > 0 => (
+                    exact,
+                    format!("({vec}::halfvec({n})) {op} ($1::real[]::halfvec({n}))"),
+                ),
+                _ => (exact, "3".to_string()),
+            }
+        }
+        _ => (
+            format!("({vec} {op} $1::real[]::halfvec)"),
+            format!("{vec} {op} $1::real[]::halfvec"),
+        ),
+    };
+    let sql = format!(
+        "SELECT {key}, {src}, {distance}::float8 FROM {table} t WHERE {vec} IS NOT NULL ORDER BY {order} LIMIT $2",
+        table = w.name
+    );
+    let rows = Spi::connect(|c| {
+        c.select(&sql, None, &[q.into(), (k.max(0) as i64).into()])?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                    r.get::<f64>(3)?.unwrap_or(f64::NAN),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name));
+    TableIterator::new(rows)
+}
+
+/// The k rows nearest to the image file at `path` (privilege as for extract_features).
+#[pg_extern(name = "_similar", volatile, strict, parallel_safe)]
+fn similar_path(
+    relid: pg_sys::Oid,
+    path: &str,
+    k: i32,
+    metric: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(distance, f64),
+    ),
+> {
+    check_read_server_files(path);
+    crate::api::features::check_absolute(path);
+    let bytes = doppler_core::source::read_file(path, gucs::max_image_bytes())
+        .unwrap_or_else(|e| crate::errors::raise(e));
+    let q = features_of(&bytes, &doppler_core::source::describe_path(path));
+    search(relid, q, k, metric)
+}
+
+#[pg_extern(name = "_similar", stable, strict, parallel_safe)]
+fn similar_bytes(
+    relid: pg_sys::Oid,
+    image: &[u8],
+    k: i32,
+    metric: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(distance, f64),
+    ),
+> {
+    check_size(image);
+    let q = features_of(image, &doppler_core::source::describe_bytes(image.len()));
+    search(relid, q, k, metric)
+}
+
+#[pg_extern(name = "_similar", stable, strict, parallel_safe)]
+fn similar_vector(
+    relid: pg_sys::Oid,
+    query: Vec<f32>,
+    k: i32,
+    metric: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(distance, f64),
+    ),
+> {
+    search(relid, query, k, metric)
+}
+
+/// Builds pgvector's HNSW index for a watched table's vector column; returns its name.
+#[pg_extern(volatile, strict, parallel_unsafe)]
+fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
+    let w = watched(relid);
+    let ops = match metric {
+        "l2" => "halfvec_l2_ops",
+        "cosine" => "halfvec_cosine_ops",
+        _ => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("metric must be l2 or cosine, not \"{metric}\""),
+            "",
+        ),
+    };
+    if let Some(existing) = hnsw_index(&w, ops) {
+        notice!("doppler: {} already has the HNSW index {existing}", w.name);
+        return existing;
+    }
+    let vec = quote_identifier(&w.vector_column);
+    let n = dims(&w);
+    let expr = match w.vector_kind.as_str() {
+        "vector" if n > 0 => format!("(({vec})::halfvec({n}))"),
+        "halfvec" => vec.clone(),
+        "vector" => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("vector column {vec} of {} has no fixed dimensions", w.name),
+            "Declare it as vector(2048) so that it can be indexed as halfvec(2048).",
+        ),
+        _ => fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "{} stores features as real[], which pgvector cannot index",
+                w.name
+            ),
+            "Use a vector(n) or halfvec(n) column; doppler.similar scans real[] columns exactly.",
+        ),
+    };
+    Spi::run(&format!(
+        "CREATE INDEX ON {} USING hnsw ({expr} {ops})",
+        w.name
+    ))
+    .unwrap_or_else(|e| pgrx::error!("could not create the HNSW index on {}: {e}", w.name));
+    hnsw_index(&w, ops).unwrap_or_default()
+}
+
+/// Groups of rows whose hashes are within `max_bits` of each other (single linkage), largest
+/// first; rows with skip hashes (doppler.skip_hashes) or no hash are left out.
+#[pg_extern(stable, strict, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn _duplicates(
+    relid: pg_sys::Oid,
+    max_bits: i32,
+) -> TableIterator<
+    'static,
+    (
+        name!(group_id, i32),
+        name!(size, i32),
+        name!(row_keys, Vec<String>),
+        name!(hashes, Vec<String>),
+    ),
+> {
+    let w = watched(relid);
+    let Some(h) = &w.hash_column else {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("{} is watched without a hash column", w.name),
+            "doppler.watch(tbl, ..., hash_column => 'd_hash') makes the worker fill one.",
+        )
+    };
+    let sql = format!(
+        "SELECT {key}, t.{h}::text FROM {table} t WHERE t.{h} IS NOT NULL",
+        key = w.key_expr(),
+        h = quote_identifier(h),
+        table = w.name
+    );
+    let rows: Vec<(String, String)> = Spi::connect(|c| {
+        c.select(&sql, None, &[])?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler.duplicates on {}: {e}", w.name));
+    let skip = gucs::skip_hashes();
+    let mut distinct: Vec<(u64, String, Vec<String>)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for (key, hash) in rows {
+        if skip.contains(&hash) {
+            continue;
+        }
+        let Some(bits) = dhash::parse_hex(&hash) else {
+            continue;
+        };
+        let i = *index.entry(bits).or_insert_with(|| {
+            distinct.push((bits, hash.clone(), Vec::new()));
+            distinct.len() - 1
+        });
+        distinct[i].2.push(key);
+    }
+    // union-find over distinct hashes within max_bits
+    let mut parent: Vec<usize> = (0..distinct.len()).collect();
+    fn root(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    for i in 0..distinct.len() {
+        for j in i + 1..distinct.len() {
+            if dhash::hamming(distinct[i].0, distinct[j].0) <= max_bits.max(0) as u32 {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                if a != b {
+                    parent[a] = b;
+                }
+            }
+        }
+    }
+    let mut groups: std::collections::BTreeMap<usize, (Vec<String>, Vec<String>)> =
+        Default::default();
+    for i in 0..distinct.len() {
+        let r = root(&mut parent, i);
+        let g = groups.entry(r).or_default();
+        g.0.extend(distinct[i].2.iter().cloned());
+        g.1.push(distinct[i].1.clone());
+    }
+    let mut out: Vec<(Vec<String>, Vec<String>)> =
+        groups.into_values().filter(|g| g.0.len() > 1).collect();
+    out.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.1.cmp(&b.1)));
+    TableIterator::new(
+        out.into_iter()
+            .enumerate()
+            .map(|(i, (keys, hashes))| (i as i32 + 1, keys.len() as i32, keys, hashes)),
+    )
+}
