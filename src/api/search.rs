@@ -361,11 +361,10 @@ fn _duplicates(
     }
     let mut groups: std::collections::BTreeMap<usize, (Vec<String>, Vec<String>)> =
         Default::default();
-    for i in 0..distinct.len() {
-        let r = root(&mut parent, i);
-        let g = groups.entry(r).or_default();
-        g.0.extend(distinct[i].2.iter().cloned());
-        g.1.push(distinct[i].1.clone());
+    for (i, (_, hash, keys)) in distinct.iter().enumerate() {
+        let g = groups.entry(root(&mut parent, i)).or_default();
+        g.0.extend(keys.iter().cloned());
+        g.1.push(hash.clone());
     }
     let mut out: Vec<(Vec<String>, Vec<String>)> =
         groups.into_values().filter(|g| g.0.len() > 1).collect();
