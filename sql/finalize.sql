@@ -198,6 +198,16 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER doppler_forget_dropped_tables ON sql_drop EXECUTE FUNCTION @extschema@._on_drop();
 
+-- Fetching URLs from inside the server is a privilege: superusers, and members of this role
+-- (when doppler.allow_urls is on). Roles are cluster-wide: created once, kept by DROP EXTENSION.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'doppler_url_reader') THEN
+        CREATE ROLE doppler_url_reader NOLOGIN;
+    END IF;
+END $$;
+COMMENT ON ROLE doppler_url_reader IS 'Members may fetch image URLs with doppler (when doppler.allow_urls is on).';
+
 -- Privileges: anyone may read the catalog and status; changes go through the functions, which
 -- check table ownership.
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;

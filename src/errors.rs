@@ -9,7 +9,7 @@ pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
     match kind {
         ErrorKind::NotFound => ERRCODE_UNDEFINED_FILE,
         ErrorKind::IsDirectory | ErrorKind::NotRegularFile => ERRCODE_WRONG_OBJECT_TYPE,
-        ErrorKind::PermissionDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
+        ErrorKind::PermissionDenied | ErrorKind::Refused => ERRCODE_INSUFFICIENT_PRIVILEGE,
         ErrorKind::Io => ERRCODE_IO_ERROR,
         ErrorKind::NotAnImage | ErrorKind::Corrupt => ERRCODE_INVALID_BINARY_REPRESENTATION,
         ErrorKind::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,

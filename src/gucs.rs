@@ -36,6 +36,22 @@ pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// `doppler.max_attempts`: attempts per failing row before it is given up.
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// `doppler.file_roots`: folders that server image files must resolve into; empty: anywhere.
+pub static FILE_ROOTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `doppler.allow_urls`: whether http(s) sources may be fetched at all.
+pub static ALLOW_URLS: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// `doppler.url_allowed_hosts`: hosts that may be fetched; empty: any public host.
+pub static URL_ALLOWED_HOSTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// `doppler.url_allowed_networks`: non-public networks that may be reached anyway (CIDR list).
+pub static URL_ALLOWED_NETWORKS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// `doppler.url_timeout`: total time for one fetch (ms).
+pub static URL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `doppler.url_connect_timeout`: time to connect (ms).
+pub static URL_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3_000);
+/// `doppler.url_max_redirects`: redirects followed, each checked again.
+pub static URL_MAX_REDIRECTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// `doppler.skip_hashes`: hashes that mean "no usable image" (dedup skips these rows).
 pub static SKIP_HASHES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"NOHASH,0000000000000000,nan"));
@@ -183,6 +199,68 @@ pub fn init_worker_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"doppler.file_roots",
+        c"Comma-separated folders that image files must resolve into (after symlinks and ..); empty allows any file.",
+        c"Applies to extract_features(path), dhash(path), similar(path), the worker, fill and triggers.",
+        &FILE_ROOTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"doppler.allow_urls",
+        c"Allow http(s) image sources (for superusers and members of doppler_url_reader).",
+        c"",
+        &ALLOW_URLS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"doppler.url_allowed_hosts",
+        c"Comma-separated hosts that may be fetched (.example.com allows its subdomains); empty allows any public host.",
+        c"",
+        &URL_ALLOWED_HOSTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"doppler.url_allowed_networks",
+        c"Comma-separated CIDR networks that may be reached although private or reserved (e.g. 10.0.5.0/24).",
+        c"By default private, loopback, link-local, multicast, unspecified and reserved addresses are refused, checked after DNS.",
+        &URL_ALLOWED_NETWORKS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.url_timeout",
+        c"Total time allowed for fetching one image URL.",
+        c"",
+        &URL_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.url_connect_timeout",
+        c"Time allowed to connect to an image URL's server.",
+        c"",
+        &URL_CONNECT_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.url_max_redirects",
+        c"Redirects followed when fetching an image URL; each is checked like the first URL.",
+        c"",
+        &URL_MAX_REDIRECTS,
+        0,
+        20,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"doppler.skip_hashes",
         c"Comma-separated hash values that mark rows without a usable image; with dedup they are skipped, not inferred.",
         c"The seed's skip list: NOHASH, 0000000000000000 (a flat image) and nan.",
@@ -262,4 +340,33 @@ pub fn skip_hashes() -> Vec<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+fn list(s: &GucSetting<Option<CString>>) -> Vec<String> {
+    string(s)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Where images may come from, per the settings.
+pub fn source_policy() -> doppler_core::source::SourcePolicy {
+    use doppler_core::fetch::{Net, UrlPolicy};
+    let urls = ALLOW_URLS.get().then(|| UrlPolicy {
+        allowed_hosts: list(&URL_ALLOWED_HOSTS),
+        allowed_networks: list(&URL_ALLOWED_NETWORKS)
+            .iter()
+            .filter_map(|n| Net::parse(n))
+            .collect(),
+        connect_timeout: std::time::Duration::from_millis(URL_CONNECT_TIMEOUT.get() as u64),
+        timeout: std::time::Duration::from_millis(URL_TIMEOUT.get() as u64),
+        max_redirects: URL_MAX_REDIRECTS.get() as usize,
+        max_bytes: max_image_bytes(),
+    });
+    doppler_core::source::SourcePolicy {
+        max_bytes: max_image_bytes(),
+        file_roots: list(&FILE_ROOTS),
+        urls,
+    }
 }

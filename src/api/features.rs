@@ -14,7 +14,7 @@
 //! Reading server files is a privilege: only superusers and members of `pg_read_server_files` may
 //! call the path form (the rule `COPY ... FROM 'file'` follows). Relative paths are refused.
 
-use doppler_core::{source, Error, ErrorKind};
+use doppler_core::{fetch, source, Error, ErrorKind};
 use pgrx::prelude::*;
 
 use crate::errors::{raise, OrRaise};
@@ -22,29 +22,53 @@ use crate::session;
 
 #[pg_extern(name = "extract_features", volatile, strict, parallel_safe)]
 fn extract_features_path(path: &str) -> Vec<f32> {
-    check_read_server_files(path);
-    check_absolute(path);
-    let bytes = source::read_file(path, crate::gucs::max_image_bytes()).or_raise();
-    features_of(&bytes, &source::describe_path(path))
+    let (bytes, what) = load_text_source(path);
+    features_of(&bytes, &what)
+}
+
+/// A text source: a server path (superusers and pg_read_server_files members, inside
+/// doppler.file_roots) or an http(s) URL (doppler.allow_urls, superusers and doppler_url_reader
+/// members, under the URL policy). Returns the bytes and how messages name the source.
+pub fn load_text_source(s: &str) -> (Vec<u8>, String) {
+    let what = if fetch::is_url(s) {
+        check_fetch_urls(s);
+        format!("image URL \"{s}\"")
+    } else {
+        check_read_server_files(s);
+        source::describe_path(s)
+    };
+    let bytes = source::load(s, &crate::gucs::source_policy()).or_raise();
+    (bytes, what)
+}
+
+/// Whether `role` may fetch URLs: a superuser or a member of doppler_url_reader.
+pub fn may_fetch_urls(role: pg_sys::Oid) -> bool {
+    unsafe {
+        if pg_sys::superuser_arg(role) {
+            return true;
+        }
+        let reader = pg_sys::get_role_oid(c"doppler_url_reader".as_ptr(), true);
+        reader != pg_sys::InvalidOid && pg_sys::has_privs_of_role(role, reader)
+    }
+}
+
+fn check_fetch_urls(url: &str) {
+    if (url.starts_with("http://") || url.starts_with("https://"))
+        && !may_fetch_urls(unsafe { pg_sys::GetUserId() })
+    {
+        pgrx::ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to fetch image URL \"{url}\""),
+            "Only superusers and members of doppler_url_reader may fetch URLs."
+        );
+    }
 }
 
 #[pg_extern(name = "extract_features", stable, strict, parallel_safe)]
 fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
     check_size(image);
     features_of(image, &source::describe_bytes(image.len()))
-}
-
-/// Relative paths are refused: they would depend on the server's working directory.
-pub fn check_absolute(path: &str) {
-    if !path.starts_with('/') {
-        raise(
-            Error::new(
-                ErrorKind::Config,
-                format!("image path \"{path}\" is not absolute"),
-            )
-            .with_hint("doppler reads server files by absolute path only."),
-        );
-    }
 }
 
 /// doppler.max_image_bytes, for values already in the database.

@@ -9,7 +9,7 @@
 use doppler_core::{dhash, source, Error, ErrorKind};
 use pgrx::prelude::*;
 
-use crate::api::features::check_read_server_files;
+use crate::api::features::load_text_source;
 use crate::errors::{raise, OrRaise};
 use crate::gucs;
 
@@ -24,10 +24,8 @@ fn hash_of(bytes: &[u8], what: &str) -> String {
 
 #[pg_extern(name = "dhash", volatile, strict, parallel_safe)]
 fn dhash_path(path: &str) -> String {
-    check_read_server_files(path);
-    crate::api::features::check_absolute(path);
-    let bytes = source::read_file(path, gucs::max_image_bytes()).or_raise();
-    hash_of(&bytes, &source::describe_path(path))
+    let (bytes, what) = load_text_source(path);
+    hash_of(&bytes, &what)
 }
 
 #[pg_extern(name = "dhash", immutable, strict, parallel_safe)]

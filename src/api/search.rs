@@ -14,7 +14,7 @@ use doppler_core::dhash;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-use crate::api::features::{check_read_server_files, check_size, features_of};
+use crate::api::features::{check_size, features_of};
 use crate::gucs;
 use crate::worker::batch::{self, Watched};
 
@@ -195,12 +195,8 @@ fn similar_path(
         name!(distance, f64),
     ),
 > {
-    check_read_server_files(path);
-    crate::api::features::check_absolute(path);
-    let bytes = doppler_core::source::read_file(path, gucs::max_image_bytes())
-        .unwrap_or_else(|e| crate::errors::raise(e));
-    let q = features_of(&bytes, &doppler_core::source::describe_path(path));
-    search(relid, q, k, metric)
+    let (bytes, what) = crate::api::features::load_text_source(path);
+    search(relid, features_of(&bytes, &what), k, metric)
 }
 
 #[pg_extern(name = "_similar", stable, strict, parallel_safe)]

@@ -201,9 +201,19 @@ pub fn run_batch(
     let mut errors: Vec<(usize, Error)> = Vec::new();
     let mut sources: Vec<(usize, Source)> = Vec::new();
     let owner_reads_files = may_read_server_files(w.owner);
+    let owner_fetches = crate::api::features::may_fetch_urls(w.owner);
     for (i, c) in claimed.iter().enumerate() {
         match &c.source {
-            Source::Path(_) if !owner_reads_files => errors.push((
+            Source::Path(p) if doppler_core::fetch::is_url(p) && !owner_fetches => errors.push((
+                i,
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the owner of {} may not fetch URLs ({p})", w.name),
+                )
+                .with_hint("Grant doppler_url_reader to the table owner."),
+            )),
+            Source::Path(p) if !doppler_core::fetch::is_url(p) && !owner_reads_files => errors
+                .push((
                 i,
                 Error::new(
                     ErrorKind::PermissionDenied,
@@ -216,13 +226,14 @@ pub fn run_batch(
                     "Grant pg_read_server_files to the table owner, or store the images as bytea.",
                 ),
             )),
-            Source::Path(p) if !p.starts_with('/') => errors.push((
-                i,
-                Error::new(
-                    ErrorKind::Config,
-                    format!("image path \"{p}\" is not absolute"),
-                ),
-            )),
+            Source::Path(p) if !doppler_core::fetch::is_url(p) && !p.starts_with('/') => errors
+                .push((
+                    i,
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("image path \"{p}\" is not absolute"),
+                    ),
+                )),
             s => sources.push((i, s.clone())),
         }
     }
@@ -242,7 +253,7 @@ pub fn run_batch(
                 &srcs,
                 &pre,
                 &gucs::limits(),
-                gucs::max_image_bytes(),
+                &gucs::source_policy(),
                 threads,
                 want_hash,
             );

@@ -9,7 +9,8 @@ use crate::{decode_rgb, source, Limits, Preprocess};
 /// Where one image comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// An absolute path on the server (the caller has checked the privilege to read it).
+    /// An absolute path on the server, or an http(s) URL (the caller has checked the privilege
+    /// to read or fetch it).
     Path(String),
     /// Image bytes.
     Bytes(Vec<u8>),
@@ -19,6 +20,7 @@ impl Source {
     /// How messages name this input.
     pub fn describe(&self) -> String {
         match self {
+            Source::Path(p) if crate::fetch::is_url(p) => format!("image URL \"{p}\""),
             Source::Path(p) => source::describe_path(p),
             Source::Bytes(b) => source::describe_bytes(b.len()),
         }
@@ -49,7 +51,7 @@ pub fn prepare_batch(
     sources: &[Source],
     pre: &Preprocess,
     limits: &Limits,
-    max_bytes: u64,
+    policy: &source::SourcePolicy,
     threads: usize,
     want_hash: bool,
 ) -> Prepared {
@@ -68,7 +70,7 @@ pub fn prepare_batch(
             let next = work.lock().map(|mut w| w.next()).unwrap_or(None);
             let Some((i, (src, slot))) = next else { break };
             let r = catch_panic("preparing an image", || {
-                prepare_one(src, pre, limits, max_bytes, slot, want_hash)
+                prepare_one(src, pre, limits, policy, slot, want_hash)
             });
             if let Ok(mut cell) = results[i].lock() {
                 *cell = Some(r);
@@ -121,13 +123,14 @@ fn prepare_one(
     src: &Source,
     pre: &Preprocess,
     limits: &Limits,
-    max_bytes: u64,
+    policy: &source::SourcePolicy,
     slot: &mut [f32],
     want_hash: bool,
 ) -> Result<Option<u64>> {
+    let max_bytes = policy.max_bytes;
     let what = src.describe();
     let img = match src {
-        Source::Path(p) => decode_rgb(&source::read_file(p, max_bytes)?, &what, limits)?,
+        Source::Path(p) => decode_rgb(&source::load(p, policy)?, &what, limits)?,
         Source::Bytes(b) if b.len() as u64 > max_bytes => {
             return Err(Error::new(
                 crate::ErrorKind::TooLarge,

@@ -12,6 +12,9 @@ pub enum ErrorKind {
     NotRegularFile,
     /// The OS refused access.
     PermissionDenied,
+    /// doppler's own policy refused the input: outside doppler.file_roots, a private address,
+    /// a host not allowed, URLs off.
+    Refused,
     /// Any other I/O failure while reading.
     Io,
     /// Zero bytes, or bytes in no known image format.
@@ -42,6 +45,7 @@ impl ErrorKind {
             ErrorKind::IsDirectory => "is_directory",
             ErrorKind::NotRegularFile => "not_regular_file",
             ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Refused => "refused",
             ErrorKind::Io => "io",
             ErrorKind::NotAnImage => "not_an_image",
             ErrorKind::Unsupported => "unsupported",

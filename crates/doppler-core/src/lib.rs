@@ -9,6 +9,7 @@ pub mod batch;
 pub mod decode;
 pub mod dhash;
 pub mod error;
+pub mod fetch;
 pub mod model;
 pub mod preprocess;
 pub mod resize;
