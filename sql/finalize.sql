@@ -72,11 +72,11 @@ COMMENT ON FUNCTION @extschema@.wake() IS
 CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12

@@ -14,7 +14,6 @@ use doppler_core::dhash;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-use crate::api::features::{check_size, features_of};
 use crate::gucs;
 use crate::worker::batch::{self, Watched};
 
@@ -180,44 +179,8 @@ fn search(
     TableIterator::new(rows)
 }
 
-/// The k rows nearest to the image file at `path` (privilege as for extract_features).
-#[pg_extern(name = "_similar", volatile, strict, parallel_safe)]
-fn similar_path(
-    relid: pg_sys::Oid,
-    path: &str,
-    k: i32,
-    metric: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(row_key, String),
-        name!(source, Option<String>),
-        name!(distance, f64),
-    ),
-> {
-    let (bytes, what) = crate::api::features::load_text_source(path);
-    search(relid, features_of(&bytes, &what), k, metric)
-}
-
-#[pg_extern(name = "_similar", stable, strict, parallel_safe)]
-fn similar_bytes(
-    relid: pg_sys::Oid,
-    image: &[u8],
-    k: i32,
-    metric: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(row_key, String),
-        name!(source, Option<String>),
-        name!(distance, f64),
-    ),
-> {
-    check_size(image);
-    let q = features_of(image, &doppler_core::source::describe_bytes(image.len()));
-    search(relid, q, k, metric)
-}
-
+/// The k rows nearest to a feature vector (the SQL overloads for paths and bytes extract the
+/// query's features first, with extract_features' privileges and limits).
 #[pg_extern(name = "_similar", stable, strict, parallel_safe)]
 fn similar_vector(
     relid: pg_sys::Oid,

@@ -65,19 +65,23 @@ def test_hash_column_dedup_and_skip_hashes(db, cluster):
     assert all(len(set(g[2])) == 1 for g in groups)
 
 
-def test_hash_is_filled_even_when_features_fail(db, cluster):
-    db.execute("SET doppler.model_path = '/no/such/model.onnx'")  # this backend's fill cannot infer...
+def test_model_errors_are_raised_and_missing_hashes_backfilled(db):
+    # a model that cannot load is the configuration's fault: the statement fails, no row is marked
     db.execute("CREATE TABLE hf (id int PRIMARY KEY, f_img text, d_hash text, features real[])")
-    db.execute("INSERT INTO hf VALUES (1, %s)", (PHOTOS[0],))
-    db.execute("SELECT doppler.watch('hf', hash_column => 'd_hash', mode => 'manual')")
-    with pytest.raises(psycopg.Error):
-        db.execute("CALL doppler.fill('hf')")  # ...a model error is the configuration's fault, raised
+    db.execute("SELECT doppler.watch('hf', hash_column => 'd_hash', mode => 'sync')")
+    db.execute("SET doppler.model_path = '/no/such/model.onnx'")
+    with pytest.raises(psycopg.Error) as e:
+        db.execute("INSERT INTO hf VALUES (1, %s)", (PHOTOS[0],))
+    assert e.value.sqlstate == "58P01" and "/no/such/model.onnx" in str(e.value)
     db.execute("RESET doppler.model_path")
-    wait_for(lambda: db.execute("SELECT d_hash IS NOT NULL AND features IS NOT NULL FROM hf").fetchone()[0], 60, what="worker")
-    # a row whose vector exists but whose hash is missing gets only its hash
+    db.execute("INSERT INTO hf VALUES (1, %s)", (PHOTOS[0],))
+    assert db.execute("SELECT d_hash IS NOT NULL AND features IS NOT NULL FROM hf").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'hf'::regclass").fetchone()[0] == 0
+    # a row whose vector exists but whose hash is missing gets only its hash (from the worker)
+    want = db.execute("SELECT d_hash FROM hf").fetchone()[0]
     db.execute("UPDATE hf SET d_hash = NULL")
     db.execute("SELECT doppler.wake()")
-    wait_for(lambda: db.execute("SELECT d_hash IS NOT NULL FROM hf").fetchone()[0], 60, what="hash backfill")
+    assert wait_for(lambda: db.execute("SELECT d_hash FROM hf").fetchone()[0], 60, what="hash backfill") == want
 
 
 @pytest.mark.parametrize("kind", ["real[]", "vector(2048)", "halfvec(2048)"])
