@@ -27,10 +27,20 @@ const NAMES: [&str; 4] = [
     "doppler_sync_update",
 ];
 
-/// Drops doppler's triggers from a table (quoted qualified name).
+/// Drops doppler's triggers from a table (quoted qualified name), those that exist.
 pub fn drop_all(table: &str) {
-    for t in NAMES {
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {t} ON {table}"))
+    let existing: Vec<String> = Spi::connect(|c| {
+        c.select(
+            "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1::regclass AND tgname = ANY($2)",
+            None,
+            &[table.into(), NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>().into()],
+        )?
+        .map(|r| r.get::<String>(1).map(|n| n.unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("could not list the triggers of {table}: {e}"));
+    for t in existing {
+        Spi::run(&format!("DROP TRIGGER {t} ON {table}"))
             .unwrap_or_else(|e| pgrx::error!("could not drop trigger {t} on {table}: {e}"));
     }
 }
@@ -91,7 +101,8 @@ fn _wake_at_commit() {
     }
     let pids = PIDS.with(|c| {
         let mut c = c.borrow_mut();
-        if c.1.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+        // an empty list is never cached: the worker may be starting right now
+        if c.0.is_empty() || c.1.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
             *c = (worker_pids(), Some(Instant::now()));
         }
         c.0.clone()
