@@ -101,14 +101,7 @@ fn search(
     q: Vec<f32>,
     k: i32,
     metric: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(row_key, String),
-        name!(source, Option<String>),
-        name!(distance, f64),
-    ),
-> {
+) -> Vec<(String, Option<String>, f64)> {
     let w = watched(relid);
     let cosine = match metric {
         "l2" => false,
@@ -164,7 +157,7 @@ fn search(
         "SELECT {key}, {src}, {distance}::float8 FROM {table} t WHERE {vec} IS NOT NULL ORDER BY {order} LIMIT $2",
         table = w.name
     );
-    let rows = Spi::connect(|c| {
+    Spi::connect(|c| {
         c.select(&sql, None, &[q.into(), (k.max(0) as i64).into()])?
             .map(|r| {
                 Ok((
@@ -175,8 +168,7 @@ fn search(
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name));
-    TableIterator::new(rows)
+    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name))
 }
 
 /// The k rows nearest to a feature vector (the SQL overloads for paths and bytes extract the
@@ -195,7 +187,7 @@ fn similar_vector(
         name!(distance, f64),
     ),
 > {
-    search(relid, query, k, metric)
+    TableIterator::new(search(relid, query, k, metric))
 }
 
 /// Builds pgvector's HNSW index for a watched table's vector column; returns its name.
