@@ -327,21 +327,14 @@ pub fn max_image_bytes() -> u64 {
 }
 
 pub fn worker_databases() -> Vec<String> {
-    string(&WORKER_DATABASES)
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    list(&WORKER_DATABASES)
 }
 
 pub fn skip_hashes() -> Vec<String> {
-    string(&SKIP_HASHES)
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    list(&SKIP_HASHES)
 }
 
+/// A comma-separated list setting, trimmed, without empty items.
 fn list(s: &GucSetting<Option<CString>>) -> Vec<String> {
     string(s)
         .split(',')
