@@ -128,8 +128,8 @@ def test_manual_mode_and_switching_and_unwatch(db):
     with db.transaction():  # (the worker cannot see the row before commit)
         db.execute("INSERT INTO m_rows VALUES (1, %s)", (SMALL[0],))
         assert db.execute("SELECT features FROM m_rows").fetchone()[0] is None  # nothing in the statement
-    db.execute("CALL doppler.fill('m_rows')")  # (or the worker's pass got there first)
-    assert db.execute("SELECT features IS NOT NULL FROM m_rows").fetchone()[0]
+    db.execute("CALL doppler.fill('m_rows')")  # (or the worker's pass, holding the row, gets there first)
+    wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM m_rows").fetchone()[0], 30, 0.2, "manual fill")
     db.execute("SELECT doppler.watch('m_rows', mode => 'async')")
     assert triggers(db, "m_rows") == ["doppler_clear_stale", "doppler_wake"]
     db.execute("SELECT doppler.unwatch('m_rows')")
