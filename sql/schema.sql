@@ -1,5 +1,25 @@
 -- doppler's catalog: hand-written, run first by CREATE EXTENSION doppler (schema doppler).
 
+-- Feature extractors doppler can run (doppler.register_model). A vector is tagged name@version:
+-- a table whose model (or the model's version) changes is re-embedded in the background.
+CREATE TABLE @extschema@.models (
+    name           text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    onnx_path      text CHECK (onnx_path LIKE '/%'),  -- NULL: the file in doppler.model_path
+    input_size     int NOT NULL DEFAULT 224 CHECK (input_size BETWEEN 8 AND 2048),
+    resize         text NOT NULL DEFAULT 'bilinear' CHECK (resize IN ('bilinear', 'lanczos')),
+    divisor        real NOT NULL DEFAULT 255 CHECK (divisor > 0),
+    mean           real[] NOT NULL CHECK (cardinality(mean) = 3),
+    std            real[] NOT NULL CHECK (cardinality(std) = 3 AND 0 < ALL (std)),
+    dim            int NOT NULL CHECK (dim BETWEEN 1 AND 65535),
+    version        text NOT NULL DEFAULT '1' CHECK (version <> '' AND version NOT LIKE '%@%'),
+    description    text,
+    registered_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE @extschema@.models IS 'Feature extractors (ONNX) and how they want their pixels: resize to input_size with PIL''s filter, then ((v / divisor) - mean) / std per channel. Change with doppler.register_model().';
+INSERT INTO @extschema@.models (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
+VALUES ('resnet50', NULL, 224, 'bilinear', 255, '{0.485,0.456,0.406}', '{0.229,0.224,0.225}', 2048, '1',
+        'The seed''s ResNet50 without its fc layer (torchvision preprocessing: Resize(224, 224), ToTensor, ImageNet Normalize); its file is doppler.model_path.');
+
 -- Tables whose vector column doppler fills (doppler.watch / doppler.unwatch).
 CREATE TABLE @extschema@.watched (
     relid          regclass PRIMARY KEY,
@@ -13,6 +33,8 @@ CREATE TABLE @extschema@.watched (
     on_error       text NOT NULL DEFAULT 'raise' CHECK (on_error IN ('raise', 'defer')),
     hash_column    name,            -- filled with the dHash of each image when NULL
     dedup          boolean NOT NULL DEFAULT false CHECK (NOT dedup OR hash_column IS NOT NULL),
+    model          text NOT NULL DEFAULT 'resnet50' REFERENCES @extschema@.models (name) ON UPDATE CASCADE,
+    model_column   name NOT NULL,   -- text column: name@version of the model that made each row's vector
     batch_size     int NOT NULL CHECK (batch_size BETWEEN 1 AND 4096),
     priority       int NOT NULL DEFAULT 0,
     watched_since  timestamptz NOT NULL DEFAULT now()
@@ -51,5 +73,6 @@ CREATE TABLE @extschema@.batches (
 CREATE INDEX ON @extschema@.batches (relid, finished_at);
 
 -- pg_dump keeps the user's configuration and failure history.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name <> ''resnet50''');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.watched', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.failures', '');

@@ -9,6 +9,11 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// `doppler.model_path`: the ONNX feature extractor used by `extract_features`.
 pub static MODEL_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `doppler.default_model`: the doppler.models entry used when none is named.
+pub static DEFAULT_MODEL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"resnet50"));
+/// `doppler.max_sessions`: model sessions a backend keeps (least recently used dropped first).
+pub static MAX_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// `doppler.onnxruntime_library`: absolute path of `libonnxruntime.so` (1.31 or later).
 pub static ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
@@ -34,6 +39,10 @@ pub static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `doppler.decode_threads`: threads that read, decode and resize a batch's images.
 pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// `doppler.inference_batch_size`: images per model run (a claimed batch is split into runs).
+pub static INFERENCE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// `doppler.jpeg_draft_size`: decode large JPEGs at a reduced DCT scale (0: off).
+pub static JPEG_DRAFT_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `doppler.max_attempts`: attempts per failing row before it is given up.
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// `doppler.file_roots`: folders that server image files must resolve into; empty: anywhere.
@@ -74,6 +83,24 @@ pub fn init() {
         c"ONNX model used to extract image features.",
         c"An image feature extractor: one float32 input [N,3,H,W] and a float32 output [N,D] or [N,D,1,1]. The backend's session is rebuilt when this changes.",
         &MODEL_PATH,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"doppler.default_model",
+        c"The doppler.models entry extract_features and watch use when no model is named.",
+        c"Any role may choose among the registered models; registering one is a privilege.",
+        &DEFAULT_MODEL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.max_sessions",
+        c"Model sessions a backend keeps loaded (one per model in use).",
+        c"A ResNet-50 session holds about 100 MB; the least recently used session is dropped first.",
+        &MAX_SESSIONS,
+        1,
+        16,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -189,6 +216,26 @@ pub fn init_worker_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"doppler.jpeg_draft_size",
+        c"Decode JPEGs at a reduced DCT scale keeping both sides at least this many pixels (0: off, full decode).",
+        c"Like PIL's Image.draft: large photos decode several times faster, but the features differ slightly from the seed's (see README, Parity); 448 (twice the model input) keeps them closest.",
+        &JPEG_DRAFT_SIZE,
+        0,
+        65535,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.inference_batch_size",
+        c"Images per model run; the rows of a batch (a table's batch_size, one transaction) are split into runs of this size.",
+        c"While the model runs over one run's images, the decode threads prepare the next run's: smaller runs overlap more, larger runs keep a GPU busier.",
+        &INFERENCE_BATCH_SIZE,
+        1,
+        4096,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"doppler.max_attempts",
         c"Attempts per failing row before doppler gives it up (doppler.retry_failed() makes it due again).",
         c"",
@@ -286,6 +333,15 @@ fn string(s: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
+/// `doppler.model_path`: the file of the `resnet50` entry of doppler.models.
+pub fn model_path() -> String {
+    string(&MODEL_PATH)
+}
+
+pub fn default_model() -> String {
+    string(&DEFAULT_MODEL)
+}
+
 pub fn onnxruntime_library() -> String {
     string(&ONNXRUNTIME_LIBRARY)
 }
@@ -304,7 +360,7 @@ pub fn session_config() -> SessionConfig {
         INTRA_OP_THREADS.get().max(1) as usize
     };
     SessionConfig {
-        model_path: string(&MODEL_PATH),
+        model_path: model_path(),
         intra_op_threads: threads,
         provider: match EXECUTION_PROVIDER.get() {
             ExecutionProvider::Auto => Provider::Auto,
@@ -319,6 +375,7 @@ pub fn limits() -> Limits {
     Limits {
         max_pixels: MAX_IMAGE_PIXELS.get() as u64,
         max_dimension: MAX_IMAGE_DIMENSION.get() as u32,
+        jpeg_draft_size: JPEG_DRAFT_SIZE.get() as u32,
     }
 }
 

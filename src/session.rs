@@ -1,54 +1,181 @@
-//! The per-backend model cache. Each backend that extracts features holds at most one ONNX
-//! Runtime session, created on first use (never in `_PG_init`: the postmaster forks backends),
-//! reused across calls and transactions, and rebuilt when a setting it depends on changes
-//! (`doppler.model_path`, `intra_op_threads`, `execution_provider`, `cuda_device_id`).
+//! Models and the per-backend session cache.
+//!
+//! A model is an entry of `doppler.models` ([`ModelSpec`]): an ONNX file and how it wants its
+//! pixels. Each backend that extracts features keeps up to `doppler.max_sessions` ONNX Runtime
+//! sessions, created on first use (never in `_PG_init`: the postmaster forks backends), reused
+//! across calls and transactions, and dropped least-recently-used first. A session is keyed by
+//! everything it depends on (the model file, `intra_op_threads`, `execution_provider`,
+//! `cuda_device_id`, the input size), so changing a setting builds a new one.
 //! A backend is single-threaded, so a thread-local is the cache.
 
 use std::cell::{Cell, RefCell};
 
-use doppler_core::{model, Model, Preprocess};
+use doppler_core::{model, Error, ErrorKind, Filter, Model, Preprocess, SessionConfig};
 use pgrx::prelude::*;
 
-use crate::errors::OrRaise;
+use crate::errors::{raise, OrRaise};
 use crate::gucs;
 
+/// A `doppler.models` entry, with its file resolved (`resnet50`'s is `doppler.model_path`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: String,
+    pub path: String,
+    pub input_size: u32,
+    pub filter: Filter,
+    pub divisor: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub dim: usize,
+}
+
+impl ModelSpec {
+    /// What a vector made by this model is tagged with: `name@version`.
+    pub fn tag(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    pub fn preprocess(&self) -> Preprocess {
+        Preprocess {
+            size: self.input_size,
+            filter: self.filter,
+            divisor: self.divisor,
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+}
+
+/// The registered model `name` (`doppler.default_model` when None). Raises 42704 when there is
+/// no such model.
+pub fn spec(name: Option<&str>) -> ModelSpec {
+    let name = name.map(str::to_string).unwrap_or_else(gucs::default_model);
+    let row = Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT onnx_path, input_size, resize, divisor, mean, std, dim, version
+             FROM doppler.models WHERE name = $1",
+            None,
+            &[name.as_str().into()],
+        )?;
+        let Some(r) = rows.next() else {
+            return Ok(None);
+        };
+        Ok::<_, pgrx::spi::Error>(Some((
+            r.get::<String>(1)?,
+            r.get::<i32>(2)?.unwrap_or(224),
+            r.get::<String>(3)?.unwrap_or_default(),
+            r.get::<f32>(4)?.unwrap_or(255.0),
+            r.get::<Vec<f32>>(5)?.unwrap_or_default(),
+            r.get::<Vec<f32>>(6)?.unwrap_or_default(),
+            r.get::<i32>(7)?.unwrap_or(0),
+            r.get::<String>(8)?.unwrap_or_default(),
+        )))
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not read doppler.models: {e}"));
+    let Some((path, size, resize, divisor, mean, std, dim, version)) = row else {
+        crate::errors::raise_code(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("model \"{name}\" is not registered"),
+            "See SELECT name FROM doppler.models; register one with doppler.register_model().",
+        )
+    };
+    let three =
+        |v: &[f32]| -> [f32; 3] { std::array::from_fn(|i| v.get(i).copied().unwrap_or(1.0)) };
+    ModelSpec {
+        path: path.unwrap_or_else(gucs::model_path),
+        input_size: size as u32,
+        filter: if resize == "lanczos" {
+            Filter::Lanczos
+        } else {
+            Filter::Bilinear
+        },
+        divisor,
+        mean: three(&mean),
+        std: three(&std),
+        dim: dim as usize,
+        version,
+        name,
+    }
+}
+
+struct Cached {
+    name: String,
+    key: (SessionConfig, u32),
+    model: Model,
+}
+
 thread_local! {
-    static MODEL: RefCell<Option<Model>> = const { RefCell::new(None) };
+    /// Most recently used first.
+    static SESSIONS: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
     static SESSIONS_CREATED: Cell<i64> = const { Cell::new(0) };
 }
 
-/// Runs `f` with this backend's model for the current settings, loading it if needed.
-/// Errors (library missing, model missing or unfit) are raised as Postgres ERRORs.
-pub fn with_model<R>(f: impl FnOnce(&mut Model) -> R) -> R {
-    let config = gucs::session_config();
-    MODEL.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|m| &m.config) != Some(&config) {
-            // drop the old session (and its threads) before building the new one
-            *slot = None;
-            let env = model::runtime(&gucs::onnxruntime_library()).or_raise();
-            let m = Model::load(env, &config).or_raise();
-            if let Some(why) = &m.fallback {
-                match config.provider {
-                    doppler_core::Provider::Cuda => {
-                        warning!("doppler: execution_provider is cuda but the model runs on the CPU: {why}")
-                    }
-                    _ => log!("doppler: CUDA is not available, using the CPU: {why}"),
-                }
+/// Runs `f` with this backend's session of `spec` under the current settings, loading it if
+/// needed, and the model's preprocessing. Errors (library missing, model missing or unfit, or
+/// not what doppler.models says) are raised as Postgres ERRORs.
+pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -> R) -> R {
+    let config = SessionConfig {
+        model_path: spec.path.clone(),
+        ..gucs::session_config()
+    };
+    let key = (config, spec.input_size);
+    let pre = spec.preprocess();
+    SESSIONS.with(|cell| {
+        let mut cache = cell.borrow_mut();
+        match cache.iter().position(|c| c.key == key) {
+            Some(0) => {}
+            Some(i) => {
+                let hit = cache.remove(i);
+                cache.insert(0, hit);
             }
-            SESSIONS_CREATED.with(|c| c.set(c.get() + 1));
-            *slot = Some(m);
+            None => {
+                // make room first: a session holds its weights and threads
+                let keep = (gucs::MAX_SESSIONS.get().max(1) as usize).saturating_sub(1);
+                cache.truncate(keep);
+                let model = load(spec, &key.0);
+                SESSIONS_CREATED.with(|c| c.set(c.get() + 1));
+                cache.insert(
+                    0,
+                    Cached {
+                        name: spec.name.clone(),
+                        key,
+                        model,
+                    },
+                );
+            }
         }
-        f(slot.as_mut().expect("model was just loaded"))
+        cache[0].name.clone_from(&spec.name);
+        let model = &mut cache[0].model;
+        if model.dim != spec.dim {
+            raise(
+                Error::new(
+                    ErrorKind::BadModel,
+                    format!(
+                        "model \"{}\" ({}) produces {}-dimensional features, but doppler.models says {}",
+                        spec.name, spec.path, model.dim, spec.dim
+                    ),
+                )
+                .with_hint("Register the model again with the right dim."),
+            );
+        }
+        f(model, &pre)
     })
 }
 
-/// The preprocessing of the configured model. ResNet50 (the seed's) uses ImageNet mean/std.
-pub fn preprocess_for(model: &Model) -> Preprocess {
-    Preprocess {
-        size: model.input_size,
-        ..Preprocess::IMAGENET
+fn load(spec: &ModelSpec, config: &SessionConfig) -> Model {
+    let env = model::runtime(&gucs::onnxruntime_library()).or_raise();
+    let mut m = Model::load(env, config).or_raise();
+    m.set_input_size(spec.input_size).or_raise();
+    if let Some(why) = &m.fallback {
+        match config.provider {
+            doppler_core::Provider::Cuda => {
+                warning!("doppler: execution_provider is cuda but the model runs on the CPU: {why}")
+            }
+            _ => log!("doppler: CUDA is not available, using the CPU: {why}"),
+        }
     }
+    m
 }
 
 /// Sessions this backend has created so far (for `doppler.session_info()`).
@@ -56,17 +183,29 @@ pub fn sessions_created() -> i64 {
     SESSIONS_CREATED.with(|c| c.get())
 }
 
-/// Describes the cached session without creating one.
-pub fn current() -> Option<(String, &'static str, i32, i32, i32)> {
-    MODEL.with(|cell| {
-        cell.borrow().as_ref().map(|m| {
-            (
-                m.config.model_path.clone(),
-                m.provider,
-                m.input_size as i32,
-                m.dim as i32,
-                m.config.intra_op_threads as i32,
-            )
-        })
+/// One cached session, described without creating any.
+pub struct SessionInfo {
+    pub model: String,
+    pub model_path: String,
+    pub provider: &'static str,
+    pub input_size: i32,
+    pub dim: i32,
+    pub threads: i32,
+}
+
+/// The cached sessions, most recently used first.
+pub fn current() -> Vec<SessionInfo> {
+    SESSIONS.with(|cell| {
+        cell.borrow()
+            .iter()
+            .map(|c| SessionInfo {
+                model: c.name.clone(),
+                model_path: c.model.config.model_path.clone(),
+                provider: c.model.provider,
+                input_size: c.model.input_size as i32,
+                dim: c.model.dim as i32,
+                threads: c.model.config.intra_op_threads as i32,
+            })
+            .collect()
     })
 }

@@ -130,27 +130,68 @@ mod tests {
             Some("CPU")
         );
 
+        // another registered model: a second session
         Spi::run(&format!(
-            "SET doppler.model_path = '{}/tiny.onnx'",
+            "SELECT doppler.register_model('tiny', '{}/tiny.onnx', dim => 16)",
             models()
         ))
         .unwrap();
-        assert_eq!(features(&path).len(), 16);
+        let tiny = || {
+            Spi::get_one_with_args::<Vec<f32>>(
+                "SELECT doppler.extract_features($1, 'tiny')",
+                &[path.as_str().into()],
+            )
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(tiny().len(), 16);
         assert_eq!(
-            Spi::get_one::<i32>("SELECT dimensions FROM doppler.session_info()").unwrap(),
-            Some(16)
+            Spi::get_two::<String, i32>("SELECT model, dimensions FROM doppler.session_info()")
+                .unwrap(),
+            (Some("tiny".into()), Some(16))
         );
         assert_eq!(
             Spi::get_one::<i64>("SELECT sessions_created FROM doppler.session_info()").unwrap(),
             Some(2)
         );
 
-        Spi::run("RESET doppler.model_path").unwrap();
+        // back to the first model: its session is still cached (doppler.max_sessions = 2)
         assert_eq!(features(&path), first);
         assert_eq!(
-            Spi::get_one::<i64>("SELECT sessions_created FROM doppler.session_info()").unwrap(),
+            Spi::get_one::<i64>("SELECT max(sessions_created) FROM doppler.session_info()")
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM doppler.session_info()").unwrap(),
+            Some(2)
+        );
+        // a setting the session depends on: a new session, the least recently used one dropped
+        Spi::run("SET doppler.intra_op_threads = 2").unwrap();
+        tiny();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT max(sessions_created) FROM doppler.session_info()")
+                .unwrap(),
             Some(3)
         );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM doppler.session_info()").unwrap(),
+            Some(2)
+        );
+    }
+
+    /// doppler.model_path is the file of the resnet50 entry: a model of other dimensions there is
+    /// refused (register it under its own name instead).
+    #[pg_test(
+        error = "model \"resnet50\" (/opt/doppler/models/tiny.onnx) produces 16-dimensional features, but doppler.models says 2048"
+    )]
+    fn model_path_must_fit_the_resnet50_entry() {
+        Spi::run(&format!(
+            "SET doppler.model_path = '{}/tiny.onnx'",
+            models()
+        ))
+        .unwrap();
+        features(&format!("{}/portrait_300x500.png", fixtures()));
     }
 
     #[pg_test]

@@ -7,7 +7,7 @@ use doppler_core::{decode_rgb, dhash, Limits, Preprocess};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_pixels: 4_000_000, max_dimension: 8_000 };
+    let limits = Limits { max_pixels: 4_000_000, max_dimension: 8_000, jpeg_draft_size: 0 };
     if let Ok(img) = decode_rgb(data, "fuzz input", &limits) {
         let pre = Preprocess::IMAGENET;
         let mut slot = vec![0f32; pre.slot_len()];

@@ -1,11 +1,12 @@
-//! `doppler.extract_features(path text)` and `doppler.extract_features(image bytea)`.
+//! `doppler.extract_features(path text, model text)` and `doppler.extract_features(image bytea,
+//! model text)`; `model` names an entry of doppler.models (NULL: `doppler.default_model`).
 //!
 //! Labels, and why:
 //! * path form: VOLATILE, since it reads a file that can change between (and during) statements,
 //!   like `pg_read_file`. Bytea form: STABLE, since the result depends on settings
 //!   (`doppler.model_path`) and on the model file, not only on the argument; not IMMUTABLE, so it
 //!   must not be used in an index expression.
-//! * STRICT: NULL in, NULL out.
+//! * Not STRICT (a NULL model means the default model), but a NULL image gives NULL.
 //! * PARALLEL SAFE: no writes, no backend-shared state; each parallel worker builds its own session
 //!   (with `doppler.intra_op_threads` threads), which lets a parallel scan extract on several cores.
 //! * COST 10000 (set in sql/finalize.sql): a model run costs far more than an ordinary function,
@@ -20,10 +21,14 @@ use pgrx::prelude::*;
 use crate::errors::{raise, OrRaise};
 use crate::session;
 
-#[pg_extern(name = "extract_features", volatile, strict, parallel_safe)]
-fn extract_features_path(path: &str) -> Vec<f32> {
-    let (bytes, what) = load_text_source(path);
-    features_of(&bytes, &what)
+#[pg_extern(name = "extract_features", volatile, parallel_safe)]
+fn extract_features_path(
+    path: Option<&str>,
+    model: default!(Option<&str>, "NULL"),
+) -> Option<Vec<f32>> {
+    let spec = session::spec(model);
+    let (bytes, what) = load_text_source(path?);
+    Some(features_of(&spec, &bytes, &what))
 }
 
 /// A text source: a server path (superusers and pg_read_server_files members, inside
@@ -65,10 +70,19 @@ fn check_fetch_urls(url: &str) {
     }
 }
 
-#[pg_extern(name = "extract_features", stable, strict, parallel_safe)]
-fn extract_features_bytea(image: &[u8]) -> Vec<f32> {
+#[pg_extern(name = "extract_features", stable, parallel_safe)]
+fn extract_features_bytea(
+    image: Option<&[u8]>,
+    model: default!(Option<&str>, "NULL"),
+) -> Option<Vec<f32>> {
+    let spec = session::spec(model);
+    let image = image?;
     check_size(image);
-    features_of(image, &source::describe_bytes(image.len()))
+    Some(features_of(
+        &spec,
+        image,
+        &source::describe_bytes(image.len()),
+    ))
 }
 
 /// doppler.max_image_bytes, for values already in the database.
@@ -88,13 +102,14 @@ pub fn check_size(image: &[u8]) {
     }
 }
 
-/// Describes this backend's model session: the settings it was built with, the execution
-/// provider in use, and how many sessions this backend has created. Loads nothing.
+/// Describes this backend's model sessions (most recently used first; one row of NULLs when
+/// there is none) and how many sessions it has created. Loads nothing.
 #[pg_extern(volatile, parallel_safe)]
 #[allow(clippy::type_complexity)] // pgrx's name!() tuple is the SQL row type
 fn session_info() -> TableIterator<
     'static,
     (
+        name!(model, Option<String>),
         name!(model_path, Option<String>),
         name!(execution_provider, Option<String>),
         name!(input_size, Option<i32>),
@@ -103,27 +118,42 @@ fn session_info() -> TableIterator<
         name!(sessions_created, i64),
     ),
 > {
-    let row = match session::current() {
-        Some((p, ep, s, d, t)) => (
-            Some(p),
-            Some(ep.to_string()),
-            Some(s),
-            Some(d),
-            Some(t),
-            session::sessions_created(),
-        ),
-        None => (None, None, None, None, None, session::sessions_created()),
-    };
-    TableIterator::once(row)
+    let created = session::sessions_created();
+    let mut rows: Vec<_> = session::current()
+        .into_iter()
+        .map(|s| {
+            (
+                Some(s.model),
+                Some(s.model_path),
+                Some(s.provider.to_string()),
+                Some(s.input_size),
+                Some(s.dim),
+                Some(s.threads),
+                created,
+            )
+        })
+        .collect();
+    if rows.is_empty() {
+        rows.push((None, None, None, None, None, None, created));
+    }
+    TableIterator::new(rows)
 }
 
-pub fn features_of(bytes: &[u8], what: &str) -> Vec<f32> {
-    session::with_model(|model| {
-        let pre = session::preprocess_for(model);
+pub fn features_of(spec: &session::ModelSpec, bytes: &[u8], what: &str) -> Vec<f32> {
+    session::with_model(spec, |model, pre| {
         let mut slot = vec![0f32; pre.slot_len()];
-        doppler_core::prepare(bytes, what, &crate::gucs::limits(), &pre, &mut slot).or_raise();
+        doppler_core::prepare(bytes, what, &crate::gucs::limits(), pre, &mut slot).or_raise();
         model.run(&slot, 1).or_raise()
     })
+}
+
+/// Loads the registered model `name` in this backend, checking its file, input and output
+/// against doppler.models; returns its tag (name@version). Used by `doppler.register_model`.
+#[pg_extern(volatile, strict, parallel_unsafe)]
+fn _check_model(name: &str) -> String {
+    let spec = session::spec(Some(name));
+    session::with_model(&spec, |_, _| ());
+    spec.tag()
 }
 
 /// Superusers and members of pg_read_server_files only.

@@ -12,7 +12,7 @@
 
 use doppler_core::dhash;
 use pgrx::prelude::*;
-use pgrx::spi::quote_identifier;
+use pgrx::spi::{quote_identifier, quote_literal};
 
 use crate::gucs;
 use crate::worker::batch::{self, Watched};
@@ -153,8 +153,10 @@ fn search(
             format!("{vec} {op} $1::real[]::halfvec"),
         ),
     };
+    // only vectors of the table's current model (during a re-embed, old ones are skipped)
+    let current = w.current_vector_over("t", &quote_literal(w.spec().tag()));
     let sql = format!(
-        "SELECT {key}, {src}, {distance}::float8 FROM {table} t WHERE {vec} IS NOT NULL ORDER BY {order} LIMIT $2",
+        "SELECT {key}, {src}, {distance}::float8 FROM {table} t WHERE {current} ORDER BY {order} LIMIT $2",
         table = w.name
     );
     Spi::connect(|c| {

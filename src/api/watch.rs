@@ -84,6 +84,8 @@ fn _watch(
     on_error: &str,
     hash_column: Option<&str>,
     dedup: bool,
+    model: Option<&str>,
+    model_column: Option<&str>,
 ) -> String {
     let Some(relid) = relid else {
         fail(
@@ -182,15 +184,18 @@ fn _watch(
             "Use real[], or pgvector's vector(n) or halfvec(n).",
         ),
     };
-    if dims > 0 {
-        let model_dims = session::with_model(|m| m.dim) as i32;
-        if dims != model_dims {
-            fail(
-                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("vector column {} of table {name} has {dims} dimensions, the model produces {model_dims}", quote_identifier(vector_column)),
-                "",
-            );
-        }
+    let spec = session::spec(model);
+    if dims > 0 && dims != spec.dim as i32 {
+        fail(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "vector column {} of table {name} has {dims} dimensions, model \"{}\" produces {}",
+                quote_identifier(vector_column),
+                spec.name,
+                spec.dim
+            ),
+            "Use a column of the model's dimensions, or one without a fixed dimension (real[], vector).",
+        );
     }
     if source_kind == "path"
         && !unsafe {
@@ -242,6 +247,53 @@ fn _watch(
             "Pass hash_column => 'd_hash' (a text column) with dedup => true.",
         );
     }
+    // The column that records which model (name@version) made each row's vector.
+    let model_column = model_column
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{vector_column}_model"));
+    if [source_column, vector_column, hash_column.unwrap_or("")].contains(&model_column.as_str()) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "the model column must differ from the source, vector and hash columns".into(),
+            "",
+        );
+    }
+    match column_type(relid, &model_column) {
+        None => Spi::run(&format!(
+            "ALTER TABLE {name} ADD COLUMN {} text",
+            quote_identifier(&model_column)
+        ))
+        .unwrap_or_else(|e| pgrx::error!("could not add the model column to {name}: {e}")),
+        Some((t, _, _)) if t == "text" || t == "varchar" => {}
+        Some((_, shown, _)) => fail(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "model column {} of table {name} is {shown}",
+                quote_identifier(&model_column)
+            ),
+            "The model column holds name@version text.",
+        ),
+    }
+    // Another model than before: vectors nobody tagged came from the old one, so tag them as
+    // such; every vector not of the new model is then re-embedded (and readable until then).
+    let previous = Spi::get_one_with_args::<String>(
+        "SELECT m.name || '@' || m.version FROM doppler.watched w JOIN doppler.models m ON m.name = w.model
+         WHERE w.relid = $1::oid::regclass AND w.vector_column = $2 AND w.model_column = $3",
+        &[relid.into(), vector_column.into(), model_column.as_str().into()],
+    )
+    .ok()
+    .flatten();
+    if let Some(old) = previous.filter(|old| *old != spec.tag()) {
+        let (vec, mc) = (
+            quote_identifier(vector_column),
+            quote_identifier(&model_column),
+        );
+        Spi::run_with_args(
+            &format!("UPDATE {name} SET {mc} = $1 WHERE {vec} IS NOT NULL AND {mc} IS NULL"),
+            &[old.as_str().into()],
+        )
+        .unwrap_or_else(|e| pgrx::error!("could not tag the old vectors of {name}: {e}"));
+    }
     let key_type = if keys.len() == 1 {
         column_type(relid, &keys[0]).map(|(_, shown, _)| shown)
     } else {
@@ -251,13 +303,14 @@ fn _watch(
     as_catalog(owner, || {
         Spi::run_with_args(
             "INSERT INTO doppler.watched (relid, source_column, source_kind, vector_column, vector_kind, key_columns, batch_size, priority,
-                                          key_type, mode, on_error, hash_column, dedup)
-             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11, $12, $13)
+                                          key_type, mode, on_error, hash_column, dedup, model, model_column)
+             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11, $12, $13, $14, $15)
              ON CONFLICT (relid) DO UPDATE SET source_column = EXCLUDED.source_column, source_kind = EXCLUDED.source_kind,
                 vector_column = EXCLUDED.vector_column, vector_kind = EXCLUDED.vector_kind, key_columns = EXCLUDED.key_columns,
                 batch_size = EXCLUDED.batch_size, priority = EXCLUDED.priority, key_type = EXCLUDED.key_type,
                 mode = EXCLUDED.mode, on_error = EXCLUDED.on_error,
-                hash_column = EXCLUDED.hash_column, dedup = EXCLUDED.dedup",
+                hash_column = EXCLUDED.hash_column, dedup = EXCLUDED.dedup,
+                model = EXCLUDED.model, model_column = EXCLUDED.model_column",
             &[
                 relid.into(),
                 source_column.into(),
@@ -272,6 +325,8 @@ fn _watch(
                 on_error.into(),
                 hash_column.into(),
                 dedup.into(),
+                spec.name.as_str().into(),
+                model_column.as_str().into(),
             ],
         )
     })
@@ -283,7 +338,8 @@ fn _watch(
     triggers::replace(&w);
     wake();
     format!(
-        "doppler watches {name} ({mode}): {source_column} ({source_kind}) -> {vector_column} ({vector_kind}), key ({})",
+        "doppler watches {name} ({mode}): {source_column} ({source_kind}) -> {vector_column} ({vector_kind}) by {}, key ({})",
+        spec.tag(),
         keys.join(", ")
     )
 }

@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
-use doppler_core::{dhash, prepare_batch, Error, ErrorKind, Source};
+use doppler_core::{dhash, prepare_stream, Error, ErrorKind, Source, StreamOptions};
 use pgrx::prelude::*;
-use pgrx::spi::{quote_identifier, SpiClient};
+use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
 use crate::errors::sqlstate;
 use crate::{gucs, session};
@@ -30,12 +30,17 @@ pub struct Watched {
     pub on_error: String,
     pub hash_column: Option<String>,
     pub dedup: bool,
+    /// The doppler.models entry that embeds this table.
+    pub model: String,
+    /// The text column tagging each vector with the model that made it (name@version).
+    pub model_column: String,
 }
 
 const WATCHED_SQL: &str = "
     SELECT w.relid::oid, format('%I.%I', n.nspname, c.relname), c.relowner, w.source_column::text,
            w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size,
-           w.key_type, w.mode, w.on_error, w.hash_column::text, w.dedup
+           w.key_type, w.mode, w.on_error, w.hash_column::text, w.dedup,
+           w.model, w.model_column::text
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid = w.relid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
@@ -71,6 +76,8 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
                 on_error: r.get(12)?.unwrap_or_default(),
                 hash_column: r.get(13)?,
                 dedup: r.get(14)?.unwrap_or(false),
+                model: r.get(15)?.unwrap_or_default(),
+                model_column: r.get(16)?.unwrap_or_default(),
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -106,6 +113,22 @@ impl Watched {
         } else {
             format!("t.{src}")
         }
+    }
+
+    /// The registered model of this table.
+    pub fn spec(&self) -> session::ModelSpec {
+        session::spec(Some(&self.model))
+    }
+
+    /// SQL over alias `t`: the row's vector is there and made by the model tagged `$tag`
+    /// (untagged vectors count as the table's model's: they were there before doppler, or
+    /// `watch` tagged them when the model changed).
+    pub fn current_vector_over(&self, alias: &str, tag: &str) -> String {
+        format!(
+            "({alias}.{vec} IS NOT NULL AND ({alias}.{mc} IS NULL OR {alias}.{mc} = {tag}))",
+            vec = quote_identifier(&self.vector_column),
+            mc = quote_identifier(&self.model_column),
+        )
     }
 
     fn vector_cast(&self) -> &'static str {
@@ -192,7 +215,9 @@ pub fn run_batch(
 ) -> BatchReport {
     let t0 = Instant::now();
     let limit = limit.clamp(1, w.batch_size as i64);
-    let claimed = as_role(catalog_role, || claim(w, limit, only));
+    let spec = w.spec();
+    let tag = spec.tag();
+    let claimed = as_role(catalog_role, || claim(w, limit, only, &tag));
     if claimed.is_empty() {
         return BatchReport::default();
     }
@@ -238,108 +263,106 @@ pub fn run_batch(
         }
     }
 
-    // Decode + preprocess on threads; then one model run over the rows that need features
-    // (with dedup: one slot per distinct hash, and none for hashes the table already has).
+    // Decode + preprocess on threads, handed over one model run's worth at a time: while the
+    // model runs over chunk k, the threads decode chunk k + 1. Per chunk, the rows that need
+    // features are grouped (with dedup: one model slot per distinct hash, none for hashes the
+    // table or an earlier chunk already has) and run through the model once.
     let want_hash = w.hash_column.is_some();
     let mut outcomes: Vec<Outcome> = claimed.iter().map(|_| Outcome::default()).collect();
     let mut skips: Vec<(usize, String)> = Vec::new();
     let mut deduped = 0i64;
     if !sources.is_empty() {
-        session::with_model(|model| {
-            let pre = session::preprocess_for(model);
-            let srcs: Vec<Source> = sources.iter().map(|(_, s)| s.clone()).collect();
-            let threads = gucs::DECODE_THREADS.get().max(1) as usize;
-            let prepared = prepare_batch(
-                &srcs,
-                &pre,
-                &gucs::limits(),
-                &gucs::source_policy(),
-                threads,
-                want_hash,
-            );
-            errors.extend(
-                prepared
-                    .errors
-                    .iter()
-                    .map(|(j, e)| (sources[*j].0, Error::new(e.kind, e.message.clone()))),
-            );
-            let skip_list = gucs::skip_hashes();
-            // rows to infer, grouped: by hash with dedup, else one group per row
-            let mut groups: Vec<(String, Vec<usize>, usize)> = Vec::new(); // (group key, rows, source index j)
-            for &j in &prepared.ok {
-                let i = sources[j].0;
-                let c = &claimed[i];
-                let hash = c
-                    .hash
-                    .clone()
-                    .or_else(|| prepared.hashes[j].map(dhash::to_hex));
-                if c.hash.is_none() {
-                    outcomes[i].hash = hash.clone();
-                }
-                if c.has_vector {
-                    continue; // only its hash was missing
-                }
-                if w.dedup {
-                    if let Some(h) = hash.as_ref().filter(|h| skip_list.iter().any(|s| s == *h)) {
-                        skips.push((i, h.clone()));
-                        continue;
-                    }
-                }
-                let key = match (&hash, w.dedup) {
-                    (Some(h), true) => h.clone(),
-                    _ => format!("row {i}"),
-                };
-                match groups.iter_mut().find(|g| g.0 == key) {
-                    Some(g) => g.1.push(i),
-                    None => groups.push((key, vec![i], j)),
-                }
-            }
-            if w.dedup && !groups.is_empty() {
-                let known = as_role(w.owner, || {
-                    existing_vectors(w, &groups.iter().map(|g| g.0.clone()).collect::<Vec<_>>())
-                });
-                groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
-                    Some((_, v)) => {
-                        for &i in rows {
-                            outcomes[i].vector = Some(v.clone());
+        let srcs: Vec<Source> = sources.iter().map(|(_, s)| s.clone()).collect();
+        let opts = StreamOptions {
+            threads: gucs::DECODE_THREADS.get().max(1) as usize,
+            chunk: gucs::INFERENCE_BATCH_SIZE.get().max(1) as usize,
+            want_hash,
+        };
+        let (limits, policy, skip_list) =
+            (gucs::limits(), gucs::source_policy(), gucs::skip_hashes());
+        let mut inferred: Vec<(String, Vec<f32>)> = Vec::new(); // dedup: vectors of this batch
+        session::with_model(&spec, |model, pre| {
+            prepare_stream(&srcs, pre, &limits, &policy, opts, |start, images| {
+                // (group key, rows, input slot)
+                let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+                for (j, image) in (start..).zip(images) {
+                    let i = sources[j].0;
+                    let (slot, computed) = match image {
+                        Ok(ok) => ok,
+                        Err(e) => {
+                            errors.push((i, e));
+                            continue;
                         }
-                        deduped += rows.len() as i64;
-                        false
+                    };
+                    let c = &claimed[i];
+                    let hash = c.hash.clone().or_else(|| computed.map(dhash::to_hex));
+                    if c.hash.is_none() {
+                        outcomes[i].hash = hash.clone();
                     }
-                    None => true,
-                });
-            }
-            if groups.is_empty() {
-                return;
-            }
-            let slot_len = pre.slot_len();
-            let mut tensor = Vec::with_capacity(groups.len() * slot_len);
-            for (_, _, j) in &groups {
-                tensor.extend_from_slice(
-                    prepared
-                        .slot(*j, slot_len)
-                        .expect("prepared row has a slot"),
-                );
-            }
-            match model.run(&tensor, groups.len()) {
-                Ok(out) => {
-                    for (n, (_, rows, _)) in groups.iter().enumerate() {
-                        deduped += rows.len() as i64 - 1;
-                        for &i in rows {
-                            outcomes[i].vector =
-                                Some(out[n * model.dim..(n + 1) * model.dim].to_vec());
+                    if c.has_vector {
+                        continue; // only its hash was missing
+                    }
+                    let key = match (&hash, w.dedup) {
+                        (Some(h), true) if skip_list.contains(h) => {
+                            skips.push((i, h.clone()));
+                            continue;
+                        }
+                        (Some(h), true) => h.clone(),
+                        _ => format!("row {i}"),
+                    };
+                    if let Some((_, v)) = inferred.iter().find(|(k, _)| *k == key) {
+                        outcomes[i].vector = Some(v.clone());
+                        deduped += 1;
+                    } else if let Some(g) = groups.iter_mut().find(|g| g.0 == key) {
+                        g.1.push(i);
+                    } else {
+                        groups.push((key, vec![i], slot));
+                    }
+                }
+                if w.dedup && !groups.is_empty() {
+                    let keys: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+                    let known = as_role(w.owner, || existing_vectors(w, &tag, &keys));
+                    groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
+                        Some((_, v)) => {
+                            for &i in rows {
+                                outcomes[i].vector = Some(v.clone());
+                            }
+                            deduped += rows.len() as i64;
+                            false
+                        }
+                        None => true,
+                    });
+                }
+                if groups.is_empty() {
+                    return;
+                }
+                let mut tensor = Vec::with_capacity(groups.len() * pre.slot_len());
+                for (_, _, slot) in &groups {
+                    tensor.extend_from_slice(slot);
+                }
+                match model.run(&tensor, groups.len()) {
+                    Ok(out) => {
+                        for (n, (key, rows, _)) in groups.into_iter().enumerate() {
+                            let v = &out[n * model.dim..(n + 1) * model.dim];
+                            deduped += rows.len() as i64 - 1;
+                            for &i in &rows {
+                                outcomes[i].vector = Some(v.to_vec());
+                            }
+                            if w.dedup {
+                                inferred.push((key, v.to_vec()));
+                            }
                         }
                     }
-                }
-                Err(e) => {
-                    for (_, rows, _) in &groups {
-                        errors.extend(
-                            rows.iter()
-                                .map(|&i| (i, Error::new(e.kind, e.message.clone()))),
-                        );
+                    Err(e) => {
+                        for (_, rows, _) in &groups {
+                            errors.extend(
+                                rows.iter()
+                                    .map(|&i| (i, Error::new(e.kind, e.message.clone()))),
+                            );
+                        }
                     }
                 }
-            }
+            });
         });
     }
 
@@ -349,7 +372,7 @@ pub fn run_batch(
         }
         errors = Vec::new();
     }
-    as_role(w.owner, || write_rows(w, &claimed, &outcomes));
+    as_role(w.owner, || write_rows(w, &tag, &claimed, &outcomes));
     let filled = outcomes.iter().filter(|o| o.vector.is_some()).count() as i64;
     as_role(catalog_role, || {
         record_failures(w, &claimed, &errors);
@@ -392,7 +415,7 @@ pub fn run_batch(
     report
 }
 
-fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
+fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Claimed> {
     let key = w.key_expr();
     let src = quote_identifier(&w.source_column);
     let shown = w.shown_expr();
@@ -405,20 +428,20 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
         ),
         (Some(_), None) => format!("AND {key} = ANY($3::text[])"),
     };
-    let vec = quote_identifier(&w.vector_column);
+    let current = w.current_vector_over("t", &quote_literal(tag));
     let (hash_sel, todo) = match &w.hash_column {
         Some(h) => {
             let h = quote_identifier(h);
             (
                 format!("t.{h}::text"),
-                format!("(t.{vec} IS NULL OR t.{h} IS NULL)"),
+                format!("(NOT {current} OR t.{h} IS NULL)"),
             )
         }
-        None => ("NULL::text".to_string(), format!("t.{vec} IS NULL")),
+        None => ("NULL::text".to_string(), format!("NOT {current}")),
     };
     // A failure record holds the row back only while its source is unchanged.
     let sql = format!(
-        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, t.{vec} IS NOT NULL
+        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, {current}
          FROM {table} t
          WHERE {todo} AND t.{src} IS NOT NULL {only_filter}
            AND NOT EXISTS (SELECT 1 FROM doppler.failures f
@@ -464,7 +487,7 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>) -> Vec<Claimed> {
     .unwrap_or_else(|e| pgrx::error!("doppler: could not claim rows of {}: {e}", w.name))
 }
 
-fn write_rows(w: &Watched, claimed: &[Claimed], outcomes: &[Outcome]) {
+fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome]) {
     if outcomes
         .iter()
         .all(|o| o.vector.is_none() && o.hash.is_none())
@@ -479,10 +502,14 @@ fn write_rows(w: &Watched, claimed: &[Claimed], outcomes: &[Outcome]) {
         }
         None => String::new(),
     };
+    let mc = quote_identifier(&w.model_column);
     let sql = format!(
-        "UPDATE {table} SET {vec} = coalesce($1::real[]{cast}, {vec}){hash_set} WHERE ctid = $2::tid AND tableoid = $3",
+        "UPDATE {table} SET {vec} = coalesce($1::real[]{cast}, {vec}),
+                {mc} = CASE WHEN $1 IS NULL THEN {mc} ELSE {tag} END{hash_set}
+         WHERE ctid = $2::tid AND tableoid = $3",
         table = w.name,
         cast = w.vector_cast(),
+        tag = quote_literal(tag),
     );
     let mut types = vec![
         pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
@@ -514,15 +541,16 @@ fn write_rows(w: &Watched, claimed: &[Claimed], outcomes: &[Outcome]) {
 }
 
 /// Vectors the table already has for these hashes (dedup), as real[].
-fn existing_vectors(w: &Watched, hashes: &[String]) -> Vec<(String, Vec<f32>)> {
+fn existing_vectors(w: &Watched, tag: &str, hashes: &[String]) -> Vec<(String, Vec<f32>)> {
     let Some(h) = &w.hash_column else {
         return Vec::new();
     };
     let (h, vec) = (quote_identifier(h), quote_identifier(&w.vector_column));
     let sql = format!(
         "SELECT DISTINCT ON (t.{h}) t.{h}::text, t.{vec}::real[] FROM {table} t
-         WHERE t.{h} = ANY($1) AND t.{vec} IS NOT NULL",
-        table = w.name
+         WHERE t.{h} = ANY($1) AND {current}",
+        table = w.name,
+        current = w.current_vector_over("t", &quote_literal(tag)),
     );
     Spi::connect(|client| {
         client

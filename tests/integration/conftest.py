@@ -35,7 +35,7 @@ def as_pg(cmd, **kw):
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, worker_db=DB, extra_conf=""):
         self.dir = tempfile.mkdtemp(prefix=f"doppler-it-{PG}-")
         os.chmod(self.dir, 0o755)
         if AS_ROOT:
@@ -50,7 +50,7 @@ class Cluster:
 listen_addresses = ''
 unix_socket_directories = '{self.dir}'
 shared_preload_libraries = 'doppler'
-doppler.worker_databases = '{DB}'
+doppler.worker_databases = '{worker_db}'
 doppler.worker_naptime = '30s'
 doppler.worker_intra_op_threads = 1
 doppler.onnxruntime_library = '{ORT}'
@@ -60,7 +60,7 @@ doppler.retry_backoff = '1s'
 doppler.max_attempts = 2
 restart_after_crash = on
 log_min_messages = info
-""")
+{extra_conf}""")
         self.start()
         with self.connect("postgres") as c:
             c.execute(f"CREATE DATABASE {DB}")

@@ -1,7 +1,8 @@
-//! Many images at once: read, decode and preprocess a batch on a few threads, into one batch
-//! tensor ready for [`crate::Model::run`]. Pure Rust, no Postgres: safe off the backend's thread.
+//! Many images at once: read, decode and preprocess a batch on a few threads, handed over a
+//! chunk (one model run) at a time while the threads prepare the next, so decoding overlaps
+//! inference. Pure Rust, no Postgres: safe off the backend's thread.
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use crate::error::{catch_panic, Error, Result};
 use crate::{decode_rgb, source, Limits, Preprocess};
@@ -27,96 +28,126 @@ impl Source {
     }
 }
 
-/// A prepared batch: the input tensor holds `ok.len()` slots, in the order of `ok`
-/// (indices into the sources); `errors` holds the rest, by index. With `want_hash`, `hashes[i]`
-/// is the dHash of source `i` (None where it could not be decoded).
-pub struct Prepared {
-    pub tensor: Vec<f32>,
-    pub ok: Vec<usize>,
-    pub errors: Vec<(usize, Error)>,
-    pub hashes: Vec<Option<u64>>,
+/// One prepared image: its input slot (`pre.slot_len()` floats) and, when asked for, its dHash.
+pub type PreparedImage = Result<(Vec<f32>, Option<u64>)>;
+
+/// How [`prepare_stream`] works: threads, chunk size, dHash.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamOptions {
+    /// Threads that read, decode and resize (at least 1).
+    pub threads: usize,
+    /// Images handed over at a time: one model run's worth.
+    pub chunk: usize,
+    /// Also compute each image's dHash.
+    pub want_hash: bool,
 }
 
-impl Prepared {
-    /// The input slot of source `i`, if it was prepared.
-    pub fn slot(&self, i: usize, slot_len: usize) -> Option<&[f32]> {
-        let n = self.ok.iter().position(|&j| j == i)?;
-        Some(&self.tensor[n * slot_len..(n + 1) * slot_len])
+/// Reads, decodes and preprocesses `sources` on `opts.threads` threads, in order, and hands them
+/// to `consume` on the calling thread one chunk at a time (`consume(start, images)` gets
+/// `sources[start..start + images.len()]`), while the threads go on preparing the next chunk.
+/// So the caller's model run over chunk k overlaps the decoding of chunk k + 1, and at most about
+/// three chunks of slots are alive at once. Threads are created with every signal blocked, so
+/// Postgres signals stay with the calling backend. If `consume` panics (a Postgres ERROR), the
+/// threads stop after their current image and the panic goes on.
+pub fn prepare_stream(
+    sources: &[Source],
+    pre: &Preprocess,
+    limits: &Limits,
+    policy: &source::SourcePolicy,
+    opts: StreamOptions,
+    mut consume: impl FnMut(usize, Vec<PreparedImage>),
+) {
+    let n = sources.len();
+    if n == 0 {
+        return;
     }
+    let chunk = opts.chunk.clamp(1, n);
+    struct State {
+        next: usize,
+        /// Workers may start images below this index: the chunk being consumed plus one ahead.
+        limit: usize,
+        results: Vec<Option<PreparedImage>>,
+        stop: bool,
+    }
+    let state = Mutex::new(State {
+        next: 0,
+        limit: (2 * chunk).min(n),
+        results: (0..n).map(|_| None).collect(),
+        stop: false,
+    });
+    let ready = Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let work = || loop {
+        let i = {
+            let mut st = lock();
+            while !st.stop && st.next < n && st.next >= st.limit {
+                st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.stop || st.next >= n {
+                return;
+            }
+            st.next += 1;
+            st.next - 1
+        };
+        let r = catch_panic("preparing an image", || {
+            let mut slot = vec![0f32; pre.slot_len()];
+            let hash = prepare_one(&sources[i], pre, limits, policy, &mut slot, opts.want_hash)?;
+            Ok((slot, hash))
+        });
+        lock().results[i] = Some(r);
+        ready.notify_all();
+    };
+    /// Tells the workers to stop, also when the consumer unwinds.
+    struct Stop<'a>(&'a Mutex<State>, &'a Condvar);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+            self.1.notify_all();
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = Stop(&state, &ready);
+        crate::model::with_signals_blocked(|| {
+            for _ in 0..opts.threads.clamp(1, n) {
+                s.spawn(work);
+            }
+        });
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let images: Vec<PreparedImage> = {
+                let mut st = lock();
+                while st.results[start..end].iter().any(Option::is_none) {
+                    st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                st.limit = (end + chunk).min(n);
+                let taken = st.results[start..end].iter_mut().map(|r| r.take());
+                taken.map(|r| r.expect("checked above")).collect()
+            };
+            ready.notify_all();
+            consume(start, images);
+        }
+    });
 }
 
-/// Reads, decodes and preprocesses `sources` on up to `threads` threads. Threads are created
-/// with every signal blocked, so Postgres signals stay with the calling backend.
-pub fn prepare_batch(
+/// All of `sources` at once (one chunk): see [`prepare_stream`].
+pub fn prepare_all(
     sources: &[Source],
     pre: &Preprocess,
     limits: &Limits,
     policy: &source::SourcePolicy,
     threads: usize,
     want_hash: bool,
-) -> Prepared {
-    let slot_len = pre.slot_len();
-    let mut tensor = vec![0f32; sources.len() * slot_len];
-    let results: Vec<Mutex<Option<Result<Option<u64>>>>> =
-        sources.iter().map(|_| Mutex::new(None)).collect();
-    {
-        let work = Mutex::new(
-            sources
-                .iter()
-                .zip(tensor.chunks_exact_mut(slot_len))
-                .enumerate(),
-        );
-        let job = || loop {
-            let next = work.lock().map(|mut w| w.next()).unwrap_or(None);
-            let Some((i, (src, slot))) = next else { break };
-            let r = catch_panic("preparing an image", || {
-                prepare_one(src, pre, limits, policy, slot, want_hash)
-            });
-            if let Ok(mut cell) = results[i].lock() {
-                *cell = Some(r);
-            }
-        };
-        let n = threads.clamp(1, sources.len().max(1));
-        if n == 1 {
-            job();
-        } else {
-            std::thread::scope(|s| {
-                crate::model::with_signals_blocked(|| {
-                    for _ in 0..n {
-                        s.spawn(job);
-                    }
-                });
-            });
-        }
-    }
-    let mut ok = Vec::with_capacity(sources.len());
-    let mut errors = Vec::new();
-    let mut hashes = vec![None; sources.len()];
-    for (i, cell) in results.into_iter().enumerate() {
-        match cell.into_inner().ok().flatten() {
-            Some(Ok(hash)) => {
-                hashes[i] = hash;
-                // compact: move slot i down to position ok.len()
-                let dst = ok.len();
-                if dst != i {
-                    tensor.copy_within(i * slot_len..(i + 1) * slot_len, dst * slot_len);
-                }
-                ok.push(i);
-            }
-            Some(Err(e)) => errors.push((i, e)),
-            None => errors.push((
-                i,
-                Error::new(crate::ErrorKind::Internal, "image was not processed"),
-            )),
-        }
-    }
-    tensor.truncate(ok.len() * slot_len);
-    Prepared {
-        tensor,
-        ok,
-        errors,
-        hashes,
-    }
+) -> Vec<PreparedImage> {
+    let mut out = Vec::with_capacity(sources.len());
+    let opts = StreamOptions {
+        threads,
+        chunk: sources.len(),
+        want_hash,
+    };
+    prepare_stream(sources, pre, limits, policy, opts, |_, images| {
+        out.extend(images)
+    });
+    out
 }
 
 fn prepare_one(

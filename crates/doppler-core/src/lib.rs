@@ -15,11 +15,12 @@ pub mod preprocess;
 pub mod resize;
 pub mod source;
 
-pub use batch::{prepare_batch, Prepared, Source};
+pub use batch::{prepare_all, prepare_stream, PreparedImage, Source, StreamOptions};
 pub use decode::{decode_rgb, Limits, RgbImage};
 pub use error::{catch_panic, Error, ErrorKind, Result};
 pub use model::{Model, Provider, SessionConfig};
 pub use preprocess::Preprocess;
+pub use resize::Filter;
 
 /// Decodes image bytes and writes the preprocessed pixels into `slot`.
 /// Panics inside decoders are caught and returned as [`ErrorKind::Internal`].

@@ -115,7 +115,11 @@ pub struct SessionConfig {
 pub struct Model {
     session: Session,
     pub config: SessionConfig,
+    /// The input's height and width: the graph's, or 224 (see [`Model::set_input_size`]) when
+    /// the graph leaves them dynamic.
     pub input_size: u32,
+    /// Whether the graph accepts any input size.
+    pub dynamic_size: bool,
     pub dim: usize,
     /// The execution provider actually in use: "CPU" or "CUDA".
     pub provider: &'static str,
@@ -158,11 +162,28 @@ impl Model {
         Ok(Model {
             session,
             config: config.clone(),
-            input_size,
+            input_size: input_size.unwrap_or(224),
+            dynamic_size: input_size.is_none(),
             dim,
             provider,
             fallback,
         })
+    }
+
+    /// Sets the input size a caller feeds: any size for a graph with dynamic height and width,
+    /// else only the graph's own.
+    pub fn set_input_size(&mut self, size: u32) -> Result<()> {
+        if !self.dynamic_size && size != self.input_size {
+            return Err(Error::new(
+                ErrorKind::BadModel,
+                format!(
+                    "model \"{}\" takes {}×{} inputs, not {size}×{size}",
+                    self.config.model_path, self.input_size, self.input_size
+                ),
+            ));
+        }
+        self.input_size = size;
+        Ok(())
     }
 
     /// Runs `n` input slots (`n × 3 × size × size` floats, NCHW) and returns `n × dim` floats.
@@ -239,7 +260,8 @@ fn build(env: &Environment, config: &SessionConfig, cuda: bool) -> Result<Sessio
     b.commit_from_file(path).map_err(|e| bad(e.to_string()))
 }
 
-fn check_shapes(session: &Session, path: &str) -> Result<(u32, usize)> {
+/// The input size (None when dynamic) and the output dimension.
+fn check_shapes(session: &Session, path: &str) -> Result<(Option<u32>, usize)> {
     let unfit = |what: String| {
         Error::new(ErrorKind::BadModel, format!("model \"{path}\" does not fit: {what}")).with_hint(
             "doppler needs an image feature extractor: one float32 input [N,3,H,W] (H = W) and a float32 output [N,D] or [N,D,1,1].",
@@ -264,8 +286,8 @@ fn check_shapes(session: &Session, path: &str) -> Result<(u32, usize)> {
                 )));
             }
             size = match (shape[2], shape[3]) {
-                (-1, -1) => 224,
-                (h, w) if h == w && h > 0 => h as u32,
+                (-1, -1) => None,
+                (h, w) if h == w && h > 0 => Some(h as u32),
                 _ => return Err(unfit(format!("input shape {:?} is not square", &shape[..]))),
             };
         }

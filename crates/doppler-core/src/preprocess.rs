@@ -1,14 +1,16 @@
 //! RGB8 → one model input slot (CHW float32), as torchvision's `Resize` → `ToTensor` → `Normalize`.
 
 use crate::decode::RgbImage;
-use crate::resize::resize_bilinear;
+use crate::resize::{resample, Filter};
 
-/// How a model wants its pixels: `((v / divisor) - mean[c]) / std[c]` at `size × size`, computed in
-/// float32 in that order, as torchvision does (`ToTensor` divides by 255, `Normalize` subtracts and
-/// divides).
+/// How a model wants its pixels: resized to `size × size` with PIL's `filter`, then
+/// `((v / divisor) - mean[c]) / std[c]`, computed in float32 in that order, as torchvision does
+/// (`ToTensor` divides by 255, `Normalize` subtracts and divides). A "scale/offset" model such as
+/// EfficientNet-Lite's `(x - 127) / 128` is `divisor 1, mean 127, std 128`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Preprocess {
     pub size: u32,
+    pub filter: Filter,
     pub divisor: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -18,6 +20,7 @@ impl Preprocess {
     /// The seed's ResNet50 preprocessing: 224×224, ToTensor, ImageNet mean/std.
     pub const IMAGENET: Preprocess = Preprocess {
         size: 224,
+        filter: Filter::Bilinear,
         divisor: 255.0,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
@@ -30,7 +33,15 @@ impl Preprocess {
 
     /// Resizes `img` and writes it, normalized, planar (CHW), into `slot`.
     pub fn write_slot(&self, img: &RgbImage, slot: &mut [f32]) {
-        let r = resize_bilinear(img, self.size, self.size);
+        let r = resample(
+            &img.data,
+            img.width,
+            img.height,
+            3,
+            self.size,
+            self.size,
+            self.filter,
+        );
         let plane = self.size as usize * self.size as usize;
         assert_eq!(slot.len(), 3 * plane, "slot has the wrong length");
         let (s0, rest) = slot.split_at_mut(plane);
@@ -38,7 +49,7 @@ impl Preprocess {
         let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / self.divisor - self.mean[c]) / self.std[c])
         });
-        for (i, p) in r.data.chunks_exact(3).enumerate() {
+        for (i, p) in r.chunks_exact(3).enumerate() {
             s0[i] = lut[0][p[0] as usize];
             s1[i] = lut[1][p[1] as usize];
             s2[i] = lut[2][p[2] as usize];

@@ -98,6 +98,7 @@ fn limits_are_checked_from_the_header() {
     let small = Limits {
         max_pixels: 1_000_000,
         max_dimension: 10_000,
+        jpeg_draft_size: 0,
     };
     let e = decode_rgb(&big, "big", &small).unwrap_err();
     assert_eq!(e.kind, ErrorKind::TooLarge);
@@ -105,6 +106,7 @@ fn limits_are_checked_from_the_header() {
     let narrow = Limits {
         max_pixels: u64::MAX,
         max_dimension: 2000,
+        jpeg_draft_size: 0,
     };
     assert_eq!(
         decode_rgb(&big, "big", &narrow).unwrap_err().kind,
@@ -117,7 +119,8 @@ fn limits_are_checked_from_the_header() {
             "png",
             &Limits {
                 max_pixels: 100,
-                max_dimension: 10
+                max_dimension: 10,
+                jpeg_draft_size: 0,
             }
         )
         .unwrap_err()

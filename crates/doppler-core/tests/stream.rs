@@ -1,0 +1,88 @@
+//! The streamed batch preparation: chunks handed over in order, errors at their own index, the
+//! same slots as one image at a time, and a consumer that fails does not leave threads behind.
+
+use doppler_core::{
+    prepare, prepare_all, prepare_stream, source::SourcePolicy, Limits, Preprocess, Source,
+    StreamOptions,
+};
+
+fn fixture(name: &str) -> Vec<u8> {
+    let dir = std::env::var("DOPPLER_FIXTURES").unwrap_or_else(|_| "/opt/doppler/fixtures".into());
+    std::fs::read(format!("{dir}/{name}")).expect("fixtures (run scripts/setup first)")
+}
+
+fn sources() -> Vec<Source> {
+    let good = [
+        "landscape_640x480.jpg",
+        "portrait_300x500.png",
+        "gif_160x120.gif",
+        "bitmap_123x77.bmp",
+    ];
+    (0..11)
+        .map(|i| {
+            if i % 4 == 2 {
+                Source::Bytes(b"not an image".to_vec())
+            } else {
+                Source::Bytes(fixture(good[i % good.len()]))
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn chunks_arrive_in_order_with_errors_in_place() {
+    let srcs = sources();
+    let pre = Preprocess::IMAGENET;
+    let policy = SourcePolicy::files(64 << 20);
+    let opts = StreamOptions {
+        threads: 3,
+        chunk: 3,
+        want_hash: true,
+    };
+    let mut starts = Vec::new();
+    let mut all = Vec::new();
+    prepare_stream(&srcs, &pre, &Limits::default(), &policy, opts, |start, images| {
+        starts.push((start, images.len()));
+        all.extend(images);
+    });
+    assert_eq!(starts, vec![(0, 3), (3, 3), (6, 3), (9, 2)]);
+    for (i, (src, got)) in srcs.iter().zip(&all).enumerate() {
+        let Source::Bytes(bytes) = src else { unreachable!() };
+        let mut want = vec![0f32; pre.slot_len()];
+        let one = prepare(bytes, "x", &Limits::default(), &pre, &mut want);
+        match (one, got) {
+            (Ok(()), Ok((slot, hash))) => {
+                assert_eq!(slot, &want, "image {i}");
+                assert!(hash.is_some());
+            }
+            (Err(_), Err(e)) => assert_eq!(i % 4, 2, "{e}"),
+            (a, b) => panic!("image {i}: alone {a:?}, streamed {:?}", b.as_ref().err()),
+        }
+    }
+    // one chunk, one thread: the same results
+    let once = prepare_all(&srcs, &pre, &Limits::default(), &policy, 1, true);
+    for (a, b) in once.iter().zip(&all) {
+        assert_eq!(a.as_ref().ok(), b.as_ref().ok());
+    }
+}
+
+#[test]
+fn a_failing_consumer_stops_the_threads() {
+    let srcs = sources();
+    let opts = StreamOptions {
+        threads: 2,
+        chunk: 2,
+        want_hash: false,
+    };
+    let r = std::panic::catch_unwind(|| {
+        prepare_stream(
+            &srcs,
+            &Preprocess::IMAGENET,
+            &Limits::default(),
+            &SourcePolicy::files(64 << 20),
+            opts,
+            |start, _| assert!(start < 4, "the consumer fails at chunk {start}"),
+        )
+    });
+    assert!(r.is_err(), "the consumer's panic goes on");
+}

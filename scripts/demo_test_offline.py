@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Offline checks of scripts/demo.py: no PostgreSQL, no doppler.
+
+A fake connection stands in for the database (features: an 8x8 RGB thumbnail; dHash: imagehash;
+a "worker" that fills a few rows per status poll), so main() runs end to end: photos, copies,
+progress, search, duplicates, the check, the pictures, exit codes.
+
+    /opt/doppler/venv/bin/python scripts/demo_test_offline.py [OUTDIR [PHOTO_DIR]]  # PNGs in OUTDIR
+    /opt/doppler/venv/bin/python -m pytest scripts/demo_test_offline.py
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo  # noqa: E402
+
+FIXTURES = Path("/opt/doppler/fixtures")
+
+
+def features(path: str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(demo.rgb(img).resize((8, 8), Image.BILINEAR), dtype=np.float64).ravel() / 255
+
+
+class Result:
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+
+class FakeConn:
+    """Answers exactly the statements demo.py sends; anything else is an error."""
+
+    def __init__(self, per_poll: int = 5, wrong_neighbour: bool = False, **_: Any) -> None:
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.per_poll, self.wrong, self.log = per_poll, wrong_neighbour, []
+
+    def __enter__(self) -> FakeConn:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+    def execute(self, sql: str, params: list[Any] | None = None) -> Result:
+        self.log.append((sql, params))
+        assert "%" not in sql.replace("%s", ""), sql
+        if sql.startswith(("DROP TABLE", "CREATE TABLE")):
+            return Result([])
+        if "doppler.watch(" in sql:
+            assert params == ["efficientnet_lite0"]
+            return Result([("watching",)])
+        if sql.startswith("INSERT INTO image_lookup"):
+            for f in params[0]:
+                self.rows[len(self.rows) + 1] = {"f_img": f, "features": None, "d_hash": None}
+            return Result([(str(i), r["f_img"]) for i, r in self.rows.items()])
+        if "FROM doppler.status" in sql:
+            todo = [r for r in self.rows.values() if r["features"] is None][: self.per_poll]
+            for r in todo:
+                r["features"] = features(r["f_img"])
+                with Image.open(r["f_img"]) as img:
+                    r["d_hash"] = str(imagehash.dhash(img))
+            done = sum(r["features"] is not None for r in self.rows.values())
+            return Result([(len(self.rows), done, len(self.rows) - done, 0, 0, 12.5 if done else None)])
+        if "FROM doppler.failures" in sql:
+            return Result([])
+        if sql == "SELECT id::text, f_img FROM image_lookup":
+            return Result([(str(i), r["f_img"]) for i, r in self.rows.items()])
+        if m := re.search(r"doppler\.similar\('image_lookup', %s, k => (\d+)\)", sql):
+            q = features(params[0])
+            hits = sorted((float(np.linalg.norm(r["features"] - q)), str(i), r["f_img"])
+                          for i, r in self.rows.items() if r["features"] is not None)
+            if self.wrong:
+                hits = hits[:1] + hits[-1:] + hits[1:-1]
+            return Result([(k, f, d) for d, k, f in hits[: int(m.group(1))]])
+        if "doppler.duplicates('image_lookup', max_bits => 6)" in sql:
+            return Result(self.duplicates(6))
+        if sql.startswith("SELECT id, f_img, features::real[]"):
+            return Result([(i, r["f_img"], list(r["features"])) for i, r in self.rows.items()
+                           if r["features"] is not None])
+        raise AssertionError(f"unexpected SQL: {sql}")
+
+    def duplicates(self, bits: int) -> list[tuple[Any, ...]]:
+        keys = [k for k, r in self.rows.items() if r["d_hash"]]
+        parent = {k: k for k in keys}
+
+        def root(k: int) -> int:
+            while parent[k] != k:
+                k = parent[k]
+            return k
+        for a in keys:
+            for b in keys:
+                ha, hb = (imagehash.hex_to_hash(self.rows[x]["d_hash"]) for x in (a, b))
+                if a < b and ha - hb <= bits:
+                    parent[root(b)] = root(a)
+        groups: dict[int, list[int]] = {}
+        for k in keys:
+            groups.setdefault(root(k), []).append(k)
+        big = sorted((g for g in groups.values() if len(g) > 1), key=len, reverse=True)
+        return [(n + 1, len(g), [str(k) for k in g], [self.rows[k]["d_hash"] for k in g])
+                for n, g in enumerate(big)]
+
+
+def make_photos(folder: Path) -> Path:
+    """A dozen distinct synthetic 'photos', some fixtures in odd modes, and files to skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    palette = [(200, 60, 40), (40, 120, 200), (60, 170, 80), (230, 200, 60), (120, 60, 160), (30, 30, 30)]
+    for i in range(12):
+        img = Image.new("RGB", (320 + 20 * i, 240), palette[i % 6])
+        d = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = rng.integers(0, 300, 2)
+            d.ellipse((x, y, x + 60 + 5 * i, y + 40 + 3 * i), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        name = "chelsea.png" if i == 5 else f"photo_{i:02d}.jpg"
+        (folder / ("sub" if i % 4 == 0 else "")).mkdir(exist_ok=True)
+        img.save(folder / ("sub" if i % 4 == 0 else "") / name)
+    for f in ("landscape_640x480.jpg", "palette_300x200.png", "rgba_256x256.png", "gif_160x120.gif",
+              "lossless_240x180.webp", "bitmap_123x77.bmp", "gray16_150x100.png"):
+        if (FIXTURES / f).exists():
+            (folder / f).write_bytes((FIXTURES / f).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def run(tmp: Path, out: Path, *extra: str, photos: Path | None = None, **fake: Any) -> tuple[int, FakeConn]:
+    conns: list[FakeConn] = []
+
+    def connect(**kw: Any) -> FakeConn:
+        assert kw == {"host": "/sock", "dbname": "postgres", "user": "postgres", "autocommit": True}
+        conns.append(FakeConn(**fake))
+        return conns[-1]
+    photos = photos or make_photos(tmp / "photos")
+    argv = ["--host", "/sock", "--photos", str(photos), "--work", str(tmp / "work"), "--out", str(out), *extra]
+    return demo.main(argv, connect=connect), conns[0]
+
+
+def check_pass(tmp: Path, out: Path) -> None:
+    rc, conn = run(tmp, out)
+    assert rc == 0
+    images = tmp / "work" / "images"
+    assert (images / "broken.jpg").exists() is False
+    names = sorted(p.name for p in images.iterdir())
+    assert sum("__resized" in n for n in names) == 8 and sum("__reencoded" in n for n in names) == 8
+    assert (images / "chelsea.png").read_bytes() == (tmp / "photos" / "chelsea.png").read_bytes()
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in images.iterdir())
+    for png in ("contact_sheet.png", "mosaic.png"):
+        assert (out / png).stat().st_size < 2_000_000
+    similar = [p for s, p in conn.log if "doppler.similar" in s]
+    assert similar[0] == [str(images / "chelsea.png")]  # the cat is the default query
+
+
+def test_pass(tmp_path: Path) -> None:
+    check_pass(tmp_path, tmp_path / "out")
+
+
+def test_fail_and_timeout_and_usage(tmp_path: Path) -> None:
+    assert run(tmp_path / "a", tmp_path / "a" / "out", wrong_neighbour=True)[0] == 1
+    assert run(tmp_path / "b", tmp_path / "b" / "out", "--timeout", "0.5", per_poll=0)[0] == 1
+    rc, conn = run(tmp_path / "c", tmp_path / "c" / "out", "--limit", "3")
+    assert rc == 0 and len(conn.rows) == 3 * 3
+    try:
+        demo.main(["--host", "/sock", "--work", "w", "--out", "o", "--limit", "0"])
+    except SystemExit as e:
+        assert e.code == 2
+
+
+def test_rerun_and_name_clashes(tmp_path: Path) -> None:
+    photos = make_photos(tmp_path / "photos")
+    (photos / "deeper").mkdir()
+    Image.new("RGB", (90, 60), (9, 99, 199)).save(photos / "deeper" / "photo_01.jpg")
+    Image.new("RGB", (90, 60), (199, 99, 9)).save(photos / "photo_01.png")
+    for _ in range(2):  # a second run in the same folders starts from a clean work/images
+        assert run(tmp_path, tmp_path / "out")[0] == 0
+    names = sorted(p.name for p in (tmp_path / "work" / "images").iterdir())
+    assert len(names) == 21 + 16 and len(set(names)) == len(names)
+    assert sum(n.endswith("_photo_01.jpg") for n in names) == 1
+
+
+def test_grid_order_is_a_permutation() -> None:
+    xy = np.random.default_rng(1).normal(size=(23, 2))
+    order, side = demo.grid_order(xy)
+    assert side == 5 and sorted(order) == list(range(23))
+    assert demo.grid_order(xy)[0] == order
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/doppler-demo-offline").resolve()
+    with tempfile.TemporaryDirectory() as t:
+        if len(sys.argv) > 2:  # real photos (e.g. scripts/sample_data.py photos DIR): just run it
+            sys.exit(run(Path(t), out_dir, photos=Path(sys.argv[2]))[0])
+        check_pass(Path(t), out_dir)
+    print(f"\noffline check passed; pictures in {out_dir}")

@@ -1,0 +1,132 @@
+"""The model registry: doppler.models, register_model, extract_features(.., model), and a table
+re-embedded in the background when its model (or the model's version) changes."""
+import os
+
+import numpy as np
+import onnxruntime as ort
+import psycopg
+import pytest
+from PIL import Image
+
+from conftest import MODELS, fixture_paths, wait_for
+
+EFFNET = os.path.join(MODELS, "efficientnet-lite0.onnx")
+PHOTOS = [p for p in fixture_paths() if "large_" not in p][:6]
+
+
+def register_effnet(db, version="1"):
+    return db.execute(
+        "SELECT doppler.register_model('efficientnet_lite0', %s, dim => 1280, divisor => 1,"
+        " mean => '{127,127,127}', std => '{128,128,128}', version => %s)",
+        (EFFNET, version),
+    ).fetchone()[0]
+
+
+def reference_effnet(path):
+    """The same model in Python: PIL convert('RGB') -> bilinear 224x224 -> (x - 127) / 128."""
+    img = Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR)
+    x = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
+    sess = ort.InferenceSession(EFFNET, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.transpose(2, 0, 1)[None]})[0][0]
+
+
+def model_status(db, table):
+    row = db.execute(
+        "SELECT model, total, done, pending, stale FROM doppler.status WHERE table_name = %s::regclass", (table,)
+    ).fetchone()
+    return dict(zip(["model", "total", "done", "pending", "stale"], row))
+
+
+def test_registered_model_matches_its_python_reference(db):
+    assert register_effnet(db) == "efficientnet_lite0@1"
+    models = dict(db.execute("SELECT name, dim FROM doppler.models").fetchall())
+    assert models["resnet50"] == 2048 and models["efficientnet_lite0"] == 1280
+    for path in PHOTOS[:3]:
+        got = np.array(db.execute("SELECT doppler.extract_features(%s, 'efficientnet_lite0')", (path,)).fetchone()[0])
+        want = reference_effnet(path)
+        assert got.shape == (1280,)
+        cos = got @ want / (np.linalg.norm(got) * np.linalg.norm(want))
+        assert cos >= 0.99999 and np.abs(got - want).max() <= 1e-3, (path, cos, np.abs(got - want).max())
+    # the default model is the seed's ResNet50; doppler.default_model chooses another per session
+    assert len(db.execute("SELECT doppler.extract_features(%s)", (PHOTOS[0],)).fetchone()[0]) == 2048
+    db.execute("SET doppler.default_model = 'efficientnet_lite0'")
+    assert len(db.execute("SELECT doppler.extract_features(%s)", (PHOTOS[0],)).fetchone()[0]) == 1280
+    db.execute("RESET doppler.default_model")
+
+
+def test_registry_errors(db, cluster):
+    with pytest.raises(psycopg.errors.UndefinedObject, match='model "nope" is not registered'):
+        db.execute("SELECT doppler.extract_features(%s, 'nope')", (PHOTOS[0],))
+    # a wrong dim is caught when registering, and nothing is registered
+    with pytest.raises(psycopg.Error, match="produces 1280-dimensional features, but doppler.models says 512"):
+        db.execute("SELECT doppler.register_model('bad_dim', %s, dim => 512)", (EFFNET,))
+    with pytest.raises(psycopg.Error, match="takes 224×224 inputs, not 256×256"):
+        db.execute("SELECT doppler.register_model('bad_size', %s, dim => 1280, input_size => 256)", (EFFNET,))
+    with pytest.raises(psycopg.errors.UndefinedFile):
+        db.execute("SELECT doppler.register_model('missing', '/no/such/model.onnx', dim => 10)")
+    assert db.execute("SELECT count(*) FROM doppler.models WHERE name IN ('bad_dim', 'bad_size', 'missing')").fetchone()[0] == 0
+    # registering names a file the server loads: not for plain roles
+    db.execute("DROP ROLE IF EXISTS plain_user")
+    db.execute("CREATE ROLE plain_user LOGIN")
+    with psycopg.connect(host=cluster.dir, dbname=db.info.dbname, user="plain_user", autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT doppler.register_model('mine', '/tmp/x.onnx', dim => 10)")
+        assert c.execute("SELECT count(*) FROM doppler.models").fetchone()[0] >= 1  # readable
+    # a model in use cannot be removed
+    register_effnet(db)
+    db.execute("DROP TABLE IF EXISTS uses_effnet")
+    db.execute("CREATE TABLE uses_effnet (id int PRIMARY KEY, f_img text, features real[])")
+    db.execute("SELECT doppler.watch('uses_effnet', mode => 'manual', model => 'efficientnet_lite0')")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        db.execute("DELETE FROM doppler.models WHERE name = 'efficientnet_lite0'")
+    db.execute("DROP TABLE uses_effnet")
+
+
+def test_changing_the_model_reembeds_in_the_background(db):
+    register_effnet(db)
+    db.execute("DROP TABLE IF EXISTS remodel")
+    db.execute("CREATE TABLE remodel (id serial PRIMARY KEY, f_img text, features real[])")
+    db.execute("INSERT INTO remodel (f_img) SELECT unnest(%s::text[])", (PHOTOS,))
+    n = len(PHOTOS)
+    msg = db.execute("SELECT doppler.watch('remodel', mode => 'manual')").fetchone()[0]
+    assert "resnet50@1" in msg
+    cols = [r[0] for r in db.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'remodel'::regclass AND attnum > 0 AND NOT attisdropped")]
+    assert "features_model" in cols  # added by watch
+    db.execute("CALL doppler.fill('remodel')")
+    assert model_status(db, "remodel") == {"model": "resnet50@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    assert db.execute("SELECT count(*) FROM remodel WHERE features_model = 'resnet50@1'").fetchone()[0] == n
+
+    # another model: the old vectors stay readable, counted stale, until replaced
+    db.execute("SELECT doppler.watch('remodel', mode => 'manual', model => 'efficientnet_lite0')")
+    s = model_status(db, "remodel")
+    assert s == {"model": "efficientnet_lite0@1", "total": n, "done": 0, "pending": n, "stale": n}
+    assert db.execute("SELECT count(*) FROM remodel WHERE cardinality(features) = 2048").fetchone()[0] == n
+    # search uses the table's model and skips vectors of the old one
+    assert db.execute("SELECT count(*) FROM doppler.similar('remodel', %s::text)", (PHOTOS[0],)).fetchone()[0] == 0
+    db.execute("CALL doppler.fill('remodel')")
+    assert model_status(db, "remodel") == {"model": "efficientnet_lite0@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    rows = db.execute("SELECT f_img, features, features_model FROM remodel ORDER BY id").fetchall()
+    for path, vec, tag in rows:
+        assert tag == "efficientnet_lite0@1" and len(vec) == 1280
+    np.testing.assert_allclose(rows[0][1], reference_effnet(rows[0][0]), atol=1e-3)
+    hits = db.execute("SELECT row_key, distance FROM doppler.similar('remodel', %s::text, k => 2)", (PHOTOS[0],)).fetchall()
+    assert hits[0][0] == "1" and hits[0][1] < 1e-3
+
+    # a new version of the model: the worker re-embeds the table by itself (async mode)
+    db.execute("SELECT doppler.watch('remodel', model => 'efficientnet_lite0')")
+    assert register_effnet(db, version="2") == "efficientnet_lite0@2"
+    wait_for(lambda: model_status(db, "remodel")["done"] == n, timeout=120, what="re-embedded by the worker")
+    assert db.execute("SELECT count(*) FROM remodel WHERE features_model = 'efficientnet_lite0@2'").fetchone()[0] == n
+    db.execute("SELECT doppler.unwatch('remodel')")
+
+
+def test_fixed_dimension_column_must_fit_the_model(db, cluster):
+    if not cluster.has_pgvector():
+        pytest.skip("pgvector is not installed for this server")
+    register_effnet(db)
+    db.execute("DROP TABLE IF EXISTS fixed_dims")
+    db.execute("CREATE TABLE fixed_dims (id int PRIMARY KEY, f_img text, features vector(2048))")
+    with pytest.raises(psycopg.errors.DatatypeMismatch, match='has 2048 dimensions, model "efficientnet_lite0" produces 1280'):
+        db.execute("SELECT doppler.watch('fixed_dims', model => 'efficientnet_lite0')")
+    db.execute("DROP TABLE fixed_dims")
