@@ -321,6 +321,11 @@ def search_and_check(conn: Any, query: Path, copies: dict[Path, Path], ids: dict
     print(f"  {'rank':>4}  {'distance':>8}  file")
     for rank, (_, source, distance) in enumerate(hits, 1):
         print(f"  {rank:>4}  {distance:8.4f}  {Path(source).name}")
+    if any(d < 1e-6 and Path(src).name != query.name for _, src, d in hits):
+        saved = sql(conn, "SELECT inferences_saved FROM doppler.status WHERE table_name = 'image_lookup'::regclass",
+                    show=False).fetchone()[0]
+        print("  (distance 0: copies with the same dHash as their original share its features: dedup copied them"
+              f" instead of running the model; doppler.status.inferences_saved = {saved})")
 
     header("5. Near-duplicate groups by dHash")
     names = {k: Path(f).name for k, f in sql(conn, "SELECT id::text, f_img FROM image_lookup").fetchall()}

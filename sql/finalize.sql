@@ -14,9 +14,9 @@ COMMENT ON FUNCTION @extschema@.session_info() IS
 -- The model registry. Registering names a file the server loads: only roles that may write
 -- doppler.models (its owner, a superuser) can; anyone may read it and use its models.
 CREATE FUNCTION @extschema@.register_model(name text, onnx_path text, dim int, input_size int DEFAULT 224,
-                                           divisor real DEFAULT 255,
-                                           mean real[] DEFAULT '{0.485,0.456,0.406}',
-                                           std real[] DEFAULT '{0.229,0.224,0.225}',
+                                           divisor float8 DEFAULT 255,
+                                           mean float8[] DEFAULT '{0.485,0.456,0.406}',
+                                           std float8[] DEFAULT '{0.229,0.224,0.225}',
                                            resize text DEFAULT 'bilinear', version text DEFAULT '1',
                                            description text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
@@ -37,7 +37,7 @@ BEGIN
     PERFORM @extschema@.wake();
     RETURN tag;
 END $$;
-COMMENT ON FUNCTION @extschema@.register_model(text, text, int, int, real, real[], real[], text, text, text) IS
+COMMENT ON FUNCTION @extschema@.register_model(text, text, int, int, float8, float8[], float8[], text, text, text) IS
   'Register (or replace) a feature extractor: an ONNX file (one float32 input [N,3,H,W], one float32 output [N,dim] or [N,dim,1,1]) and its preprocessing: resize to input_size with PIL''s bilinear (or lanczos) filter, then ((v / divisor) - mean) / std per RGB channel (ImageNet: divisor 255 with mean/std; a scale/offset model such as (x - 127) / 128: divisor 1, mean 127, std 128). The model is loaded once to check it. A new version re-embeds the tables that use it. Returns name@version.';
 
 -- The model a watched table uses (NULL when the table is not watched).

@@ -180,6 +180,22 @@ mod tests {
         );
     }
 
+    /// No CUDA here (the CPU build of ONNX Runtime): `cuda` falls back to the CPU (with a WARNING)
+    /// and gives the same features.
+    #[pg_test]
+    fn cuda_falls_back_to_the_cpu() {
+        let path = format!("{}/landscape_640x480.jpg", fixtures());
+        let cpu = features(&path);
+        Spi::run("SET doppler.execution_provider = 'cuda'").unwrap();
+        assert_eq!(features(&path), cpu);
+        assert_eq!(
+            Spi::get_one::<String>("SELECT execution_provider FROM doppler.session_info()")
+                .unwrap()
+                .as_deref(),
+            Some("CPU")
+        );
+    }
+
     /// doppler.model_path is the file of the resnet50 entry: a model of other dimensions there is
     /// refused (register it under its own name instead).
     #[pg_test(

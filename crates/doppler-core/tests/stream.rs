@@ -41,13 +41,22 @@ fn chunks_arrive_in_order_with_errors_in_place() {
     };
     let mut starts = Vec::new();
     let mut all = Vec::new();
-    prepare_stream(&srcs, &pre, &Limits::default(), &policy, opts, |start, images| {
-        starts.push((start, images.len()));
-        all.extend(images);
-    });
+    prepare_stream(
+        &srcs,
+        &pre,
+        &Limits::default(),
+        &policy,
+        opts,
+        |start, images| {
+            starts.push((start, images.len()));
+            all.extend(images);
+        },
+    );
     assert_eq!(starts, vec![(0, 3), (3, 3), (6, 3), (9, 2)]);
     for (i, (src, got)) in srcs.iter().zip(&all).enumerate() {
-        let Source::Bytes(bytes) = src else { unreachable!() };
+        let Source::Bytes(bytes) = src else {
+            unreachable!()
+        };
         let mut want = vec![0f32; pre.slot_len()];
         let one = prepare(bytes, "x", &Limits::default(), &pre, &mut want);
         match (one, got) {
