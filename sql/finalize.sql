@@ -22,6 +22,17 @@ CREATE FUNCTION @extschema@.register_model(name text, onnx_path text, dim int, i
 RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE tag text;
 BEGIN
+    -- vectors are tagged name@version: another file or preprocessing needs another version
+    IF EXISTS (SELECT FROM @extschema@.models m
+               WHERE m.name = register_model.name AND m.version = register_model.version
+                 AND (m.onnx_path IS DISTINCT FROM register_model.onnx_path
+                      OR m.input_size <> register_model.input_size OR m.resize <> register_model.resize
+                      OR m.divisor <> register_model.divisor::real OR m.mean <> register_model.mean::real[]
+                      OR m.std <> register_model.std::real[] OR m.dim <> register_model.dim)) THEN
+        RAISE EXCEPTION 'model "%" version % is registered with another file or preprocessing', name, version
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Register it with a new version => ''...'': the tables that use it are then re-embedded.';
+    END IF;
     INSERT INTO @extschema@.models AS m (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
     VALUES (register_model.name, register_model.onnx_path, register_model.input_size, register_model.resize,
             register_model.divisor, register_model.mean, register_model.std, register_model.dim,

@@ -4,8 +4,9 @@
 //! pixels. Each backend that extracts features keeps up to `doppler.max_sessions` ONNX Runtime
 //! sessions, created on first use (never in `_PG_init`: the postmaster forks backends), reused
 //! across calls and transactions, and dropped least-recently-used first. A session is keyed by
-//! everything it depends on (the model file, `intra_op_threads`, `execution_provider`,
-//! `cuda_device_id`, the input size), so changing a setting builds a new one.
+//! everything it depends on (the model file and its size and modification time, the registered
+//! version, `intra_op_threads`, `execution_provider`, `cuda_device_id`, the input size), so
+//! changing a setting, the file or the version builds a new one.
 //! A backend is single-threaded, so a thread-local is the cache.
 
 use std::cell::{Cell, RefCell};
@@ -99,10 +100,38 @@ pub fn spec(name: Option<&str>) -> ModelSpec {
     }
 }
 
+/// What a session depends on: the settings, the input size, the registered version, and the file
+/// itself (size and modification time), so a replaced file or a new version loads afresh.
+type Key = (
+    SessionConfig,
+    u32,
+    String,
+    Option<(u64, std::time::SystemTime)>,
+);
+
 struct Cached {
     name: String,
-    key: (SessionConfig, u32),
+    key: Key,
     model: Model,
+}
+
+fn key_of(spec: &ModelSpec) -> Key {
+    let config = SessionConfig {
+        model_path: spec.path.clone(),
+        ..gucs::session_config()
+    };
+    let file = std::fs::metadata(&spec.path)
+        .ok()
+        .and_then(|m| Some((m.len(), m.modified().ok()?)));
+    (config, spec.input_size, spec.version.clone(), file)
+}
+
+/// Drops this backend's sessions of `spec`'s file.
+pub fn forget(spec: &ModelSpec) {
+    SESSIONS.with(|cell| {
+        cell.borrow_mut()
+            .retain(|c| c.key.0.model_path != spec.path)
+    });
 }
 
 thread_local! {
@@ -115,11 +144,7 @@ thread_local! {
 /// needed, and the model's preprocessing. Errors (library missing, model missing or unfit, or
 /// not what doppler.models says) are raised as Postgres ERRORs.
 pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -> R) -> R {
-    let config = SessionConfig {
-        model_path: spec.path.clone(),
-        ..gucs::session_config()
-    };
-    let key = (config, spec.input_size);
+    let key = key_of(spec);
     let pre = spec.preprocess();
     SESSIONS.with(|cell| {
         let mut cache = cell.borrow_mut();
@@ -135,6 +160,8 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -
                 cache.truncate(keep);
                 let model = load(spec, &key.0);
                 SESSIONS_CREATED.with(|c| c.set(c.get() + 1));
+                // an older version or file of the same model is of no more use
+                cache.retain(|c| c.key.0 != key.0 || c.key.1 != key.1);
                 cache.insert(
                     0,
                     Cached {

@@ -196,6 +196,32 @@ mod tests {
         );
     }
 
+    /// doppler.jpeg_draft_size changes how large JPEGs are decoded (features move a little) but
+    /// never a dHash.
+    #[pg_test]
+    fn jpeg_draft_changes_features_not_hashes() {
+        let path = format!("{}/large_3000x2000.jpg", fixtures());
+        let hash = || {
+            Spi::get_one_with_args::<String>(
+                "SELECT doppler.dhash($1::text)",
+                &[path.as_str().into()],
+            )
+            .unwrap()
+        };
+        let (full, full_hash) = (features(&path), hash());
+        Spi::run("SET doppler.jpeg_draft_size = 448").unwrap();
+        let draft = features(&path);
+        assert_ne!(draft, full);
+        let dot: f64 = full
+            .iter()
+            .zip(&draft)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(dot / (norm(&full) * norm(&draft)) > 0.9);
+        assert_eq!(hash(), full_hash);
+    }
+
     /// doppler.model_path is the file of the resnet50 entry: a model of other dimensions there is
     /// refused (register it under its own name instead).
     #[pg_test(

@@ -26,8 +26,9 @@ fn extract_features_path(
     path: Option<&str>,
     model: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<f32>> {
+    let path = path?;
     let spec = session::spec(model);
-    let (bytes, what) = load_text_source(path?);
+    let (bytes, what) = load_text_source(path);
     Some(features_of(&spec, &bytes, &what))
 }
 
@@ -75,8 +76,8 @@ fn extract_features_bytea(
     image: Option<&[u8]>,
     model: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<f32>> {
-    let spec = session::spec(model);
     let image = image?;
+    let spec = session::spec(model);
     check_size(image);
     Some(features_of(
         &spec,
@@ -152,6 +153,8 @@ pub fn features_of(spec: &session::ModelSpec, bytes: &[u8], what: &str) -> Vec<f
 #[pg_extern(volatile, strict, parallel_unsafe)]
 fn _check_model(name: &str) -> String {
     let spec = session::spec(Some(name));
+    // load it afresh, even if this backend has a session of the same file
+    session::forget(&spec);
     session::with_model(&spec, |_, _| ());
     spec.tag()
 }

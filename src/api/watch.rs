@@ -184,7 +184,16 @@ fn _watch(
             "Use real[], or pgvector's vector(n) or halfvec(n).",
         ),
     };
-    let spec = session::spec(model);
+    // Watching again without naming a model keeps the table's model and model column.
+    let (current_model, current_column) = match Spi::get_two_with_args::<String, String>(
+        "SELECT model, model_column::text FROM doppler.watched WHERE relid = $1::oid::regclass",
+        &[relid.into()],
+    ) {
+        Ok(row) => row,
+        Err(pgrx::spi::Error::InvalidPosition) => (None, None), // not watched yet
+        Err(e) => pgrx::error!("could not read doppler.watched: {e}"),
+    };
+    let spec = session::spec(model.or(current_model.as_deref()));
     if dims > 0 && dims != spec.dim as i32 {
         fail(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
@@ -250,7 +259,15 @@ fn _watch(
     // The column that records which model (name@version) made each row's vector.
     let model_column = model_column
         .map(str::to_string)
+        .or(current_column)
         .unwrap_or_else(|| format!("{vector_column}_model"));
+    if model_column.len() > 63 {
+        fail(
+            PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
+            format!("the model column name \"{model_column}\" is longer than 63 bytes"),
+            "Pass a shorter model_column => ...",
+        );
+    }
     if [source_column, vector_column, hash_column.unwrap_or("")].contains(&model_column.as_str()) {
         fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -264,35 +281,39 @@ fn _watch(
             quote_identifier(&model_column)
         ))
         .unwrap_or_else(|e| pgrx::error!("could not add the model column to {name}: {e}")),
-        Some((t, _, _)) if t == "text" || t == "varchar" => {}
+        Some((t, _, _)) if t == "text" => {}
         Some((_, shown, _)) => fail(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
             format!(
-                "model column {} of table {name} is {shown}",
+                "model column {} of table {name} is {shown}, not text",
                 quote_identifier(&model_column)
             ),
             "The model column holds name@version text.",
         ),
     }
-    // Another model than before: vectors nobody tagged came from the old one, so tag them as
-    // such; every vector not of the new model is then re-embedded (and readable until then).
-    let previous = Spi::get_one_with_args::<String>(
+    // Vectors nobody tagged (there before doppler, or written by hand) are tagged now: with the
+    // table's previous model when the model changes (so they are re-embedded, readable until
+    // then), else with this one. Afterwards only the worker writes tags.
+    let previous = match Spi::get_one_with_args::<String>(
         "SELECT m.name || '@' || m.version FROM doppler.watched w JOIN doppler.models m ON m.name = w.model
-         WHERE w.relid = $1::oid::regclass AND w.vector_column = $2 AND w.model_column = $3",
-        &[relid.into(), vector_column.into(), model_column.as_str().into()],
-    )
-    .ok()
-    .flatten();
-    if let Some(old) = previous.filter(|old| *old != spec.tag()) {
+         WHERE w.relid = $1::oid::regclass AND w.vector_column = $2",
+        &[relid.into(), vector_column.into()],
+    ) {
+        Ok(tag) => tag,
+        Err(pgrx::spi::Error::InvalidPosition) => None, // not watched yet (or another column)
+        Err(e) => pgrx::error!("could not read doppler.watched: {e}"),
+    };
+    let untagged_as = previous.unwrap_or_else(|| spec.tag());
+    {
         let (vec, mc) = (
             quote_identifier(vector_column),
             quote_identifier(&model_column),
         );
         Spi::run_with_args(
             &format!("UPDATE {name} SET {mc} = $1 WHERE {vec} IS NOT NULL AND {mc} IS NULL"),
-            &[old.as_str().into()],
+            &[untagged_as.as_str().into()],
         )
-        .unwrap_or_else(|e| pgrx::error!("could not tag the old vectors of {name}: {e}"));
+        .unwrap_or_else(|e| pgrx::error!("could not tag the vectors of {name}: {e}"));
     }
     let key_type = if keys.len() == 1 {
         column_type(relid, &keys[0]).map(|(_, shown, _)| shown)

@@ -130,3 +130,24 @@ def test_fixed_dimension_column_must_fit_the_model(db, cluster):
     with pytest.raises(psycopg.errors.DatatypeMismatch, match='has 2048 dimensions, model "efficientnet_lite0" produces 1280'):
         db.execute("SELECT doppler.watch('fixed_dims', model => 'efficientnet_lite0')")
     db.execute("DROP TABLE fixed_dims")
+
+
+def test_watch_again_keeps_the_model_and_versions_guard_changes(db):
+    register_effnet(db)
+    db.execute("DROP TABLE IF EXISTS keepmodel")
+    db.execute("CREATE TABLE keepmodel (id serial PRIMARY KEY, f_img text, features real[])")
+    db.execute("INSERT INTO keepmodel (f_img) SELECT unnest(%s::text[])", (PHOTOS[:2],))
+    # a vector that was there before doppler: tagged as the table's model's, not re-embedded
+    db.execute("UPDATE keepmodel SET features = array_fill(0.5::real, ARRAY[1280]) WHERE id = 1")
+    db.execute("SELECT doppler.watch('keepmodel', mode => 'manual', model => 'efficientnet_lite0')")
+    assert db.execute("SELECT features_model FROM keepmodel WHERE id = 1").fetchone()[0] == "efficientnet_lite0@1"
+    assert model_status(db, "keepmodel") == {"model": "efficientnet_lite0@1", "total": 2, "done": 1, "pending": 1, "stale": 0}
+    # watching again without a model keeps it (no re-embedding because batch_size changed)
+    msg = db.execute("SELECT doppler.watch('keepmodel', mode => 'manual', batch_size => 8)").fetchone()[0]
+    assert "efficientnet_lite0@1" in msg
+    assert model_status(db, "keepmodel")["model"] == "efficientnet_lite0@1"
+    # the same version with other preprocessing is refused: vectors are tagged name@version
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="registered with another file or preprocessing"):
+        db.execute("SELECT doppler.register_model('efficientnet_lite0', %s, dim => 1280)", (EFFNET,))
+    db.execute("SELECT doppler.unwatch('keepmodel')")
+    db.execute("DROP TABLE keepmodel")

@@ -160,6 +160,17 @@ fn prepare_one(
 ) -> Result<Option<u64>> {
     let max_bytes = policy.max_bytes;
     let what = src.describe();
+    // a dHash is imagehash's only from a full decode: no reduced-DCT JPEG decoding then
+    let full;
+    let limits = if want_hash && limits.jpeg_draft_size > 0 {
+        full = Limits {
+            jpeg_draft_size: 0,
+            ..*limits
+        };
+        &full
+    } else {
+        limits
+    };
     let img = match src {
         Source::Path(p) => decode_rgb(&source::load(p, policy)?, &what, limits)?,
         Source::Bytes(b) if b.len() as u64 > max_bytes => {
