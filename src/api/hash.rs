@@ -14,11 +14,8 @@ use crate::errors::{raise, OrRaise};
 use crate::gucs;
 
 fn hash_of(bytes: &[u8], what: &str) -> String {
-    // always from a full decode: doppler.jpeg_draft_size must not change a hash
-    let limits = doppler_core::Limits {
-        jpeg_draft_size: 0,
-        ..gucs::limits()
-    };
+    // doppler.jpeg_draft_size must not change a hash
+    let limits = gucs::limits().full_decode();
     doppler_core::catch_panic("hashing an image", || {
         let img = doppler_core::decode_rgb(bytes, what, &limits)?;
         Ok(dhash::to_hex(dhash::dhash(&img)))

@@ -129,27 +129,6 @@ pub fn prepare_stream(
     });
 }
 
-/// All of `sources` at once (one chunk): see [`prepare_stream`].
-pub fn prepare_all(
-    sources: &[Source],
-    pre: &Preprocess,
-    limits: &Limits,
-    policy: &source::SourcePolicy,
-    threads: usize,
-    want_hash: bool,
-) -> Vec<PreparedImage> {
-    let mut out = Vec::with_capacity(sources.len());
-    let opts = StreamOptions {
-        threads,
-        chunk: sources.len(),
-        want_hash,
-    };
-    prepare_stream(sources, pre, limits, policy, opts, |_, images| {
-        out.extend(images)
-    });
-    out
-}
-
 fn prepare_one(
     src: &Source,
     pre: &Preprocess,
@@ -160,17 +139,8 @@ fn prepare_one(
 ) -> Result<Option<u64>> {
     let max_bytes = policy.max_bytes;
     let what = src.describe();
-    // a dHash is imagehash's only from a full decode: no reduced-DCT JPEG decoding then
-    let full;
-    let limits = if want_hash && limits.jpeg_draft_size > 0 {
-        full = Limits {
-            jpeg_draft_size: 0,
-            ..*limits
-        };
-        &full
-    } else {
-        limits
-    };
+    let full = limits.full_decode();
+    let limits = if want_hash { &full } else { limits };
     let img = match src {
         Source::Path(p) => decode_rgb(&source::load(p, policy)?, &what, limits)?,
         Source::Bytes(b) if b.len() as u64 > max_bytes => {

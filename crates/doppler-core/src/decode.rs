@@ -51,6 +51,14 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The same limits, decoding at full size (a dHash is imagehash's only from a full decode).
+    pub fn full_decode(&self) -> Limits {
+        Limits {
+            jpeg_draft_size: 0,
+            ..*self
+        }
+    }
+
     fn check(&self, what: &str, w: u64, h: u64) -> Result<()> {
         if w == 0 || h == 0 {
             return Err(Error::new(

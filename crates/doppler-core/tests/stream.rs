@@ -2,8 +2,7 @@
 //! same slots as one image at a time, and a consumer that fails does not leave threads behind.
 
 use doppler_core::{
-    prepare, prepare_all, prepare_stream, source::SourcePolicy, Limits, Preprocess, Source,
-    StreamOptions,
+    prepare, prepare_stream, source::SourcePolicy, Limits, Preprocess, Source, StreamOptions,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -69,7 +68,23 @@ fn chunks_arrive_in_order_with_errors_in_place() {
         }
     }
     // one chunk, one thread: the same results
-    let once = prepare_all(&srcs, &pre, &Limits::default(), &policy, 1, true);
+    let mut once = Vec::new();
+    let one_chunk = StreamOptions {
+        threads: 1,
+        chunk: srcs.len(),
+        want_hash: true,
+    };
+    prepare_stream(
+        &srcs,
+        &pre,
+        &Limits::default(),
+        &policy,
+        one_chunk,
+        |start, images| {
+            assert_eq!(start, 0);
+            once.extend(images);
+        },
+    );
     for (a, b) in once.iter().zip(&all) {
         assert_eq!(a.as_ref().ok(), b.as_ref().ok());
     }
