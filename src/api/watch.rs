@@ -315,6 +315,21 @@ fn _watch(
         )
         .unwrap_or_else(|e| pgrx::error!("could not tag the vectors of {name}: {e}"));
     }
+    // Dedup looks up known hashes for every model run: give it an index unless one leads with
+    // the hash column already.
+    if let (true, Some(h)) = (dedup, hash_column) {
+        let indexed = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                            WHERE i.indrelid = $1 AND a.attname = $2)",
+            &[relid.into(), h.into()],
+        )
+        .unwrap_or_else(|e| pgrx::error!("could not read the indexes of {name}: {e}"));
+        if indexed != Some(true) {
+            Spi::run(&format!("CREATE INDEX ON {name} ({})", quote_identifier(h)))
+                .unwrap_or_else(|e| pgrx::error!("could not index the hash column of {name}: {e}"));
+        }
+    }
     let key_type = if keys.len() == 1 {
         column_type(relid, &keys[0]).map(|(_, shown, _)| shown)
     } else {

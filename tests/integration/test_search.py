@@ -44,6 +44,9 @@ def test_hash_column_dedup_and_skip_hashes(db, cluster):
     with db.cursor() as cur:
         cur.executemany("INSERT INTO dd VALUES (%s, %s, %s)", rows)
     db.execute("SELECT doppler.watch('dd', hash_column => 'd_hash', dedup => true, batch_size => 4)")
+    # dedup looks hashes up for every model run: watch indexes the hash column (once)
+    db.execute("SELECT doppler.watch('dd', hash_column => 'd_hash', dedup => true, batch_size => 4)")
+    assert db.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'dd' AND indexdef LIKE '%(d_hash)%'").fetchone()[0] == 1
     s = wait_for(lambda: (lambda s: s if s["pending"] == 0 else None)(status(db, "dd")), 180, what="dd filled")
     assert s["done"] == len(PHOTOS) + 3 and s["skipped"] == 2 and s["failed"] == 0
     saved = db.execute("SELECT inferences_saved FROM doppler.status WHERE table_name = 'dd'::regclass").fetchone()[0]
