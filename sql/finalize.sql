@@ -86,18 +86,10 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The sync trigger is C (src/triggers.rs): it reads the statement's transition table as the
+-- table owner and fills those rows; no SQL-callable function fills rows of a given table.
 CREATE FUNCTION @extschema@._sync_trigger() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE keys text[];
-BEGIN
-    -- TG_ARGV: key expression over alias n, source column, vector column
-    EXECUTE format('SELECT array_agg(%s) FROM new_rows n WHERE n.%I IS NOT NULL AND n.%I IS NULL',
-                   TG_ARGV[0], TG_ARGV[1], TG_ARGV[2]) INTO keys;
-    IF keys IS NOT NULL THEN
-        PERFORM @extschema@._fill_rows(TG_RELID, keys);
-    END IF;
-    RETURN NULL;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'doppler_sync_trigger';
 
 CREATE FUNCTION @extschema@.unwatch(tbl regclass) RETURNS boolean
 LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
@@ -117,15 +109,15 @@ COMMENT ON FUNCTION @extschema@.wake() IS
 -- Reverse image search and near-duplicates (Rust in src/api/search.rs).
 CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql VOLATILE STRICT PARALLEL SAFE ROWS 12
+LANGUAGE sql VOLATILE STRICT PARALLEL RESTRICTED ROWS 12
 AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED ROWS 12
 AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2')
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 12
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED ROWS 12
 AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
 COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text) IS
   'The k rows of a watched table nearest to the image at this server path (features by the table''s model; euclidean distance as the seed, or metric => ''cosine''; rows whose vector is from an older model are left out until re-embedded). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns.';
@@ -140,7 +132,7 @@ COMMENT ON FUNCTION @extschema@.create_index(regclass, text) IS
 
 CREATE FUNCTION @extschema@.duplicates(tbl regclass, max_bits int DEFAULT 4)
 RETURNS TABLE (group_id int, size int, row_keys text[], hashes text[])
-LANGUAGE sql STABLE STRICT PARALLEL SAFE
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
 AS $$ SELECT * FROM @extschema@._duplicates(tbl::oid, max_bits) $$;
 COMMENT ON FUNCTION @extschema@.duplicates(regclass, int) IS
   'Groups of rows whose dHashes are within max_bits of each other, most-posted first (the seed''s most re-posted images). Skip hashes are left out.';
@@ -149,22 +141,8 @@ COMMENT ON FUNCTION @extschema@.dhash(text) IS 'imagehash''s dHash (hash_size 8)
 COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8) of these image bytes, as 16 hex digits.';
 COMMENT ON FUNCTION @extschema@.hamming(text, text) IS 'Bits that differ between two dHashes (16 hex digits each).';
 
--- Row counts of one watched table (a full scan: the status view is for people, not hot paths).
-CREATE FUNCTION @extschema@._counts(tbl regclass, OUT total bigint, OUT done bigint, OUT skipped bigint,
-                                    OUT stale bigint, OUT model text)
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE w @extschema@.watched;
-BEGIN
-    SELECT * INTO w FROM @extschema@.watched WHERE relid = tbl;
-    IF NOT FOUND THEN RETURN; END IF;
-    SELECT m.name || '@' || m.version INTO model FROM @extschema@.models m WHERE m.name = w.model;
-    EXECUTE format('SELECT count(*), count(%1$I) FILTER (WHERE %4$I IS NULL OR %4$I = $1),
-                           count(*) FILTER (WHERE %1$I IS NULL AND %2$I IS NULL),
-                           count(%1$I) FILTER (WHERE %4$I <> $1) FROM %3$s',
-                   w.vector_column, w.source_column, tbl, w.model_column)
-       INTO total, done, skipped, stale USING model;
-END $$;
-
+-- Row counts: doppler._counts (src/api/status.rs) counts as the table's owner, for callers who
+-- own the table or may SELECT it. The view shows those tables only.
 CREATE VIEW @extschema@.status AS
 SELECT w.relid AS table_name,
        c.model,
@@ -178,10 +156,10 @@ SELECT w.relid AS table_name,
        coalesce(b.inferences_saved, 0) AS inferences_saved,
        b.last_batch_at,
        b.recent_images_per_sec,
-       (SELECT min(a.pid) FROM pg_catalog.pg_stat_activity a
-         WHERE a.backend_type = 'doppler worker' AND a.datname = pg_catalog.current_database()) AS worker_pid
+       @extschema@._worker_pid() AS worker_pid
 FROM @extschema@.watched w
-CROSS JOIN LATERAL @extschema@._counts(w.relid) c
+JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
+CROSS JOIN LATERAL @extschema@._counts(w.relid::pg_catalog.oid) c
 LEFT JOIN LATERAL (
     SELECT count(*) FILTER (WHERE next_attempt IS NULL AND error_class <> 'skip_hash') AS failed,
            count(*) FILTER (WHERE next_attempt IS NOT NULL) AS retrying,
@@ -192,7 +170,8 @@ LEFT JOIN LATERAL (
            round((sum(filled) FILTER (WHERE finished_at > now() - interval '5 minutes')
                   / nullif(sum(seconds) FILTER (WHERE finished_at > now() - interval '5 minutes'), 0))::numeric, 2)
              AS recent_images_per_sec
-    FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true;
+    FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true
+WHERE pg_catalog.pg_has_role(r.relowner, 'USAGE') OR pg_catalog.has_table_privilege(r.oid, 'SELECT');
 COMMENT ON VIEW @extschema@.status IS
   'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
 
@@ -211,7 +190,8 @@ DECLARE
     rate float8;
     todo bigint;
 BEGIN
-    SELECT s.total, s.done INTO total, done_before FROM @extschema@.status s WHERE s.table_name = tbl;
+    SELECT s.total, s.done INTO total, done_before FROM @extschema@.status s
+     WHERE s.table_name::pg_catalog.oid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not watched by doppler', tbl USING ERRCODE = 'undefined_object',
               HINT = 'Call doppler.watch(' || quote_literal(tbl::text) || ') first.';
@@ -237,17 +217,24 @@ END $$;
 COMMENT ON PROCEDURE @extschema@.fill(regclass, int) IS
   'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. CALL it outside a transaction block.';
 
--- Forget a dropped table.
+-- Forget a dropped table. Any role that can drop a table fires this, and only the extension
+-- owner may write doppler's catalog: SECURITY DEFINER, over oids from the event alone (the
+-- table is gone; there is nothing of the dropper's to evaluate).
 CREATE FUNCTION @extschema@._on_drop() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE o record;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE gone oid[];
 BEGIN
-    FOR o IN SELECT objid FROM pg_event_trigger_dropped_objects() WHERE classid = 'pg_class'::regclass AND objsubid = 0 LOOP
-        DELETE FROM @extschema@.watched WHERE relid = o.objid;
-        DELETE FROM @extschema@.failures WHERE relid = o.objid;
-        DELETE FROM @extschema@.batches WHERE relid = o.objid;
-    END LOOP;
+    SELECT pg_catalog.array_agg(d.objid) INTO gone FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
+       AND d.objsubid OPERATOR(pg_catalog.=) 0;
+    IF gone IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM @extschema@.watched WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (gone);
+    DELETE FROM @extschema@.failures WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (gone);
+    DELETE FROM @extschema@.batches WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (gone);
 END $$;
+REVOKE ALL ON FUNCTION @extschema@._on_drop() FROM PUBLIC;
 CREATE EVENT TRIGGER doppler_forget_dropped_tables ON sql_drop EXECUTE FUNCTION @extschema@._on_drop();
 
 -- Fetching URLs from inside the server is a privilege: superusers, and members of this role
@@ -260,13 +247,28 @@ BEGIN
 END $$;
 COMMENT ON ROLE doppler_url_reader IS 'Members may fetch image URLs with doppler (when doppler.allow_urls is on).';
 
--- Privileges: anyone may read the catalog and status; changes go through the functions, which
--- check table ownership.
+-- Privileges (README, Security). Changes go through the functions, which check table
+-- ownership first. Each role sees the watches, batches and status of the tables it owns or may
+-- SELECT, and the failure records (they name paths) of the tables it owns.
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
-GRANT SELECT ON @extschema@.models, @extschema@.watched, @extschema@.status, @extschema@.batches TO PUBLIC;
--- Failure records name paths: each role sees those of the tables it owns.
-GRANT SELECT ON @extschema@.failures TO PUBLIC;
+GRANT SELECT ON @extschema@.models, @extschema@.watched, @extschema@.status, @extschema@.batches,
+                @extschema@.failures TO PUBLIC;
+ALTER TABLE @extschema@.watched ENABLE ROW LEVEL SECURITY;
+ALTER TABLE @extschema@.batches ENABLE ROW LEVEL SECURITY;
 ALTER TABLE @extschema@.failures ENABLE ROW LEVEL SECURITY;
+CREATE POLICY watched_of_readable_tables ON @extschema@.watched FOR SELECT
+    USING (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c
+                                   WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE')
+           OR pg_catalog.has_table_privilege(relid::pg_catalog.oid, 'SELECT'));
+CREATE POLICY batches_of_readable_tables ON @extschema@.batches FOR SELECT
+    USING (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c
+                                   WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE')
+           OR pg_catalog.has_table_privilege(relid::pg_catalog.oid, 'SELECT'));
 CREATE POLICY failures_of_own_tables ON @extschema@.failures FOR SELECT
-    USING (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = relid), 'USAGE'));
+    USING (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c
+                                   WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE'));
+-- Internal functions: those the public wrappers need check the caller's rights inside
+-- (_watch, _unwatch, _retry_failed, _fill_batch, _create_index: ownership; _similar,
+-- _duplicates, _counts: SELECT); the rest are not for PUBLIC.
+REVOKE ALL ON FUNCTION @extschema@._check_model(text) FROM PUBLIC;
 

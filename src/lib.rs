@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 pub mod api;
 pub mod errors;
 pub mod gucs;
+pub mod privileged;
 pub mod session;
 pub mod triggers;
 pub mod worker;

@@ -1,5 +1,6 @@
 //! The triggers `doppler.watch(..., mode => ...)` installs on a watched table, and the Rust side
-//! of their functions (the trigger functions themselves are PL/pgSQL in sql/finalize.sql).
+//! of their functions (`_clear_stale` and `_wake_trigger` are PL/pgSQL in sql/finalize.sql; the
+//! sync trigger is the C function [`doppler_sync_trigger`]).
 //!
 //! * async: `doppler_wake` (AFTER INSERT OR UPDATE, per statement) wakes the worker when the
 //!   transaction commits, and `doppler_clear_stale` (BEFORE UPDATE OF the source, per row, when
@@ -17,7 +18,8 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
-use crate::api::watch::{extension_owner, wake_pids, worker_pids};
+use crate::api::watch::{wake_pids, worker_pids};
+use crate::privileged::{as_owner, extension_owner};
 use crate::worker::batch::{self, Watched};
 
 const NAMES: [&str; 4] = [
@@ -27,13 +29,23 @@ const NAMES: [&str; 4] = [
     "doppler_sync_update",
 ];
 
-/// Drops doppler's triggers from a table (quoted qualified name), those that exist.
+/// Drops doppler's triggers from a table (quoted qualified name), those that exist. Called as
+/// the table owner.
 pub fn drop_all(table: &str) {
     let existing: Vec<String> = Spi::connect(|c| {
         c.select(
-            "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1::regclass AND tgname = ANY($2)",
+            "SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger
+             WHERE tgrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
+               AND tgname OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.name[])",
             None,
-            &[table.into(), NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>().into()],
+            &[
+                table.into(),
+                NAMES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .into(),
+            ],
         )?
         .map(|r| r.get::<String>(1).map(|n| n.unwrap_or_default()))
         .collect::<Result<Vec<_>, _>>()
@@ -45,7 +57,7 @@ pub fn drop_all(table: &str) {
     }
 }
 
-/// Installs the triggers of `w.mode`, replacing any earlier ones.
+/// Installs the triggers of `w.mode`, replacing any earlier ones. Called as the table owner.
 pub fn replace(w: &Watched) {
     drop_all(&w.name);
     let table = &w.name;
@@ -66,19 +78,13 @@ pub fn replace(w: &Watched) {
         ));
     }
     if w.mode == "sync" {
-        let args = format!(
-            "{}, {}, {}",
-            lit(&w.key_expr_over("n")),
-            lit(&w.source_column),
-            lit(&w.vector_column)
-        );
         ddl.push(format!(
             "CREATE TRIGGER doppler_sync_insert AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
-             FOR EACH STATEMENT EXECUTE FUNCTION doppler._sync_trigger({args})"
+             FOR EACH STATEMENT EXECUTE FUNCTION doppler._sync_trigger()"
         ));
         ddl.push(format!(
             "CREATE TRIGGER doppler_sync_update AFTER UPDATE ON {table} REFERENCING NEW TABLE AS new_rows
-             FOR EACH STATEMENT EXECUTE FUNCTION doppler._sync_trigger({args})"
+             FOR EACH STATEMENT EXECUTE FUNCTION doppler._sync_trigger()"
         ));
     }
     for sql in ddl {
@@ -116,20 +122,76 @@ fn _wake_at_commit() {
     });
 }
 
-/// Called by the sync trigger with the keys of the statement's rows that need features: fills
-/// them in batches of the table's batch size, in this transaction.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _fill_rows(relid: pg_sys::Oid, keys: Vec<String>) -> i64 {
-    let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
-        return 0;
+/// The sync trigger (`doppler._sync_trigger()`, AFTER INSERT / UPDATE FOR EACH STATEMENT with
+/// the transition table `new_rows`): a C trigger function, so that no SQL-callable entry point
+/// fills another owner's rows. Reads the keys of the statement's rows that need features as
+/// the table owner, then fills them in batches of the table's batch size, in this transaction.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn doppler_sync_trigger(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the function manager calls this with a valid fcinfo; `context` is a TriggerData
+    // when called as a trigger, which is checked first.
+    let tg = unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._sync_trigger() was not called by a trigger manager"
+            );
+        }
+        ctx as *mut pg_sys::TriggerData
     };
+    let (relid, has_rows) = unsafe { ((*(*tg).tg_relation).rd_id, !(*tg).tg_newtable.is_null()) };
+    if !has_rows {
+        return pg_sys::Datum::from(0usize);
+    }
+    let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
+        return pg_sys::Datum::from(0usize);
+    };
+    if w.mode != "sync" {
+        return pg_sys::Datum::from(0usize);
+    }
+    let sql = format!(
+        "SELECT {} FROM new_rows n WHERE n.{} IS NOT NULL AND n.{} IS NULL",
+        w.key_expr_over("n"),
+        quote_identifier(&w.source_column),
+        quote_identifier(&w.vector_column)
+    );
+    let keys: Vec<String> = as_owner(w.owner, || {
+        Spi::connect(|c| {
+            // SAFETY: registers this trigger's transition tables with this SPI connection.
+            unsafe { pg_sys::SPI_register_trigger_data(tg) };
+            c.select(&sql, None, &[])?
+                .map(|r| r.get::<String>(1).map(|k| k.unwrap_or_default()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not read the new rows of {}: {e}", w.name))
+    });
+    if !keys.is_empty() {
+        fill_rows(&w, &keys);
+    }
+    pg_sys::Datum::from(0usize)
+}
+
+/// `pg_finfo_` record: version-1 calling convention for [`doppler_sync_trigger`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_doppler_sync_trigger() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Fills the rows with these keys, in batches of the table's batch size.
+fn fill_rows(w: &Watched, keys: &[String]) -> i64 {
     let owner = extension_owner();
     let raise = w.on_error == "raise";
     let mut filled = 0;
     // every batch settles its rows (filled, or failed and recorded), so this many batches suffice
     let rounds = keys.len().div_ceil(w.batch_size.max(1) as usize) + 1;
     for _ in 0..rounds {
-        let r = batch::run_batch(&w, w.batch_size as i64, owner, "sync", Some(&keys), raise);
+        let r = batch::run_batch(w, w.batch_size as i64, owner, "sync", Some(keys), raise);
         filled += r.filled;
         if r.claimed == 0 {
             break;

@@ -2,4 +2,5 @@
 pub mod features;
 pub mod hash;
 pub mod search;
+pub mod status;
 pub mod watch;

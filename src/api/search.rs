@@ -14,7 +14,9 @@ use doppler_core::dhash;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 
+use crate::api::watch::owned_table;
 use crate::gucs;
+use crate::privileged::{acts_as, as_owner, current_user};
 use crate::worker::batch::{self, Watched};
 
 fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
@@ -56,6 +58,38 @@ fn cosine_distance(a: Vec<f32>, b: Vec<f32>) -> f64 {
     1.0 - dot / (na.sqrt() * nb.sqrt())
 }
 
+/// The watched table, which the caller may read: doppler scans it as its owner (so the owner's
+/// casts and operators never run with the caller's rights), after checking that the caller may
+/// SELECT it. Row-level security that would hide rows from the caller cannot be honoured by a
+/// scan as the owner: such a caller is refused.
+fn readable(relid: pg_sys::Oid) -> Watched {
+    let w = watched(relid);
+    if acts_as(current_user(), w.owner) {
+        return w;
+    }
+    let (may_select, rls) = Spi::get_two_with_args::<bool, bool>(
+        "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT'),
+                pg_catalog.row_security_active($1::pg_catalog.oid)",
+        &[relid.into()],
+    )
+    .unwrap_or((None, None));
+    if may_select != Some(true) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for table {}", w.name),
+            "doppler.similar and doppler.duplicates need SELECT on the table.",
+        );
+    }
+    if rls != Some(false) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("table {} has row-level security for this role", w.name),
+            "doppler searches a table as its owner; with row-level security in force only the owner may.",
+        );
+    }
+    w
+}
+
 fn watched(relid: pg_sys::Oid) -> Watched {
     batch::load_watched(Some(relid))
         .into_iter()
@@ -75,11 +109,12 @@ fn watched(relid: pg_sys::Oid) -> Watched {
 /// The HNSW index doppler would use for `w`'s vector column and metric, if one exists.
 fn hnsw_index(w: &Watched, ops: &str) -> Option<String> {
     Spi::get_one_with_args::<String>(
-        "SELECT c.relname::text FROM pg_catalog.pg_index i
-         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-         JOIN pg_catalog.pg_am a ON a.oid = c.relam
-         JOIN pg_catalog.pg_opclass o ON o.oid = i.indclass[0]
-         WHERE i.indrelid = $1 AND a.amname = 'hnsw' AND o.opcname = $2 LIMIT 1",
+        "SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_index i
+         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid
+         JOIN pg_catalog.pg_am a ON a.oid OPERATOR(pg_catalog.=) c.relam
+         JOIN pg_catalog.pg_opclass o ON o.oid OPERATOR(pg_catalog.=) i.indclass[0]
+         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND a.amname OPERATOR(pg_catalog.=) 'hnsw'::pg_catalog.name
+           AND o.opcname OPERATOR(pg_catalog.=) $2::pg_catalog.name LIMIT 1",
         &[w.relid.into(), ops.into()],
     )
     .ok()
@@ -88,7 +123,8 @@ fn hnsw_index(w: &Watched, ops: &str) -> Option<String> {
 
 fn dims(w: &Watched) -> i32 {
     Spi::get_one_with_args::<i32>(
-        "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2",
+        "SELECT atttypmod FROM pg_catalog.pg_attribute
+         WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) $2::pg_catalog.name",
         &[w.relid.into(), w.vector_column.as_str().into()],
     )
     .ok()
@@ -102,7 +138,7 @@ fn search(
     k: i32,
     metric: &str,
 ) -> Vec<(String, Option<String>, f64)> {
-    let w = watched(relid);
+    let w = readable(relid);
     let cosine = match metric {
         "l2" => false,
         "cosine" => true,
@@ -115,18 +151,21 @@ fn search(
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
     let src = if w.source_kind == "bytea" {
         format!(
-            "'bytea, ' || octet_length(t.{}) || ' bytes'",
+            "pg_catalog.format('bytea, %s bytes', pg_catalog.octet_length(t.{}))",
             quote_identifier(&w.source_column)
         )
     } else {
-        format!("t.{}::text", quote_identifier(&w.source_column))
+        format!("t.{}::pg_catalog.text", quote_identifier(&w.source_column))
     };
     let key = w.key_expr();
+    // pgvector's names, qualified: the scan runs under the pinned search_path
+    let nsp = &w.vector_schema;
     let (op, suffix) = if cosine {
-        ("<=>", "cosine")
+        (format!("OPERATOR({nsp}.<=>)"), "cosine")
     } else {
-        ("<->", "l2")
+        (format!("OPERATOR({nsp}.<->)"), "l2")
     };
+    let (vector, halfvec) = (format!("{nsp}.vector"), format!("{nsp}.halfvec"));
     let (distance, order) = match w.vector_kind.as_str() {
         "real[]" => {
             let f = if cosine {
@@ -138,44 +177,49 @@ fn search(
         }
         "vector" => {
             let n = dims(&w);
-            let exact = format!("({vec} {op} $1::real[]::vector)");
+            let exact = format!("({vec} {op} $1::pg_catalog.float4[]::{vector})");
             // the halfvec expression index, when there is one; exact distances are reported
             match hnsw_index(&w, &format!("halfvec_{suffix}_ops")) {
                 Some(_) if n > 0 => (
                     exact,
-                    format!("({vec}::halfvec({n})) {op} ($1::real[]::halfvec({n}))"),
+                    format!(
+                        "({vec}::{halfvec}({n})) {op} ($1::pg_catalog.float4[]::{halfvec}({n}))"
+                    ),
                 ),
                 _ => (exact, "3".to_string()),
             }
         }
         _ => (
-            format!("({vec} {op} $1::real[]::halfvec)"),
-            format!("{vec} {op} $1::real[]::halfvec"),
+            format!("({vec} {op} $1::pg_catalog.float4[]::{halfvec})"),
+            format!("{vec} {op} $1::pg_catalog.float4[]::{halfvec}"),
         ),
     };
     // only vectors of the table's current model (during a re-embed, old ones are skipped)
     let current = w.current_vector_over("t", &quote_literal(w.spec().tag()));
     let sql = format!(
-        "SELECT {key}, {src}, {distance}::float8 FROM {table} t WHERE {current} ORDER BY {order} LIMIT $2",
+        "SELECT {key}, {src}, {distance}::pg_catalog.float8 FROM {table} t WHERE {current} ORDER BY {order} LIMIT $2",
         table = w.name
     );
-    Spi::connect(|c| {
-        c.select(&sql, None, &[q.into(), (k.max(0) as i64).into()])?
-            .map(|r| {
-                Ok((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?,
-                    r.get::<f64>(3)?.unwrap_or(f64::NAN),
-                ))
-            })
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    as_owner(w.owner, || {
+        Spi::connect(|c| {
+            c.select(&sql, None, &[q.into(), (k.max(0) as i64).into()])?
+                .map(|r| {
+                    Ok((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?,
+                        r.get::<f64>(3)?.unwrap_or(f64::NAN),
+                    ))
+                })
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
     })
     .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name))
 }
 
 /// The k rows nearest to a feature vector (the SQL overloads for paths and bytes extract the
 /// query's features first, with extract_features' privileges and limits).
-#[pg_extern(name = "_similar", stable, strict, parallel_safe)]
+#[pg_extern(name = "_similar", stable, strict, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
 fn similar_vector(
     relid: pg_sys::Oid,
     query: Vec<f32>,
@@ -194,7 +238,9 @@ fn similar_vector(
 
 /// Builds pgvector's HNSW index for a watched table's vector column; returns its name.
 #[pg_extern(volatile, strict, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
+    owned_table(relid);
     let w = watched(relid);
     let ops = match metric {
         "l2" => "halfvec_l2_ops",
@@ -211,8 +257,9 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     }
     let vec = quote_identifier(&w.vector_column);
     let n = dims(&w);
+    let nsp = &w.vector_schema;
     let expr = match w.vector_kind.as_str() {
-        "vector" if n > 0 => format!("(({vec})::halfvec({n}))"),
+        "vector" if n > 0 => format!("(({vec})::{nsp}.halfvec({n}))"),
         "halfvec" => vec.clone(),
         "vector" => fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -228,17 +275,20 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
             "Use a vector(n) or halfvec(n) column; doppler.similar scans real[] columns exactly.",
         ),
     };
-    Spi::run(&format!(
-        "CREATE INDEX ON {} USING hnsw ({expr} {ops})",
-        w.name
-    ))
+    as_owner(w.owner, || {
+        Spi::run(&format!(
+            "CREATE INDEX ON {} USING hnsw ({expr} {nsp}.{ops})",
+            w.name
+        ))
+    })
     .unwrap_or_else(|e| pgrx::error!("could not create the HNSW index on {}: {e}", w.name));
     hnsw_index(&w, ops).unwrap_or_default()
 }
 
 /// Groups of rows whose hashes are within `max_bits` of each other (single linkage), largest
 /// first; rows with skip hashes (doppler.skip_hashes) or no hash are left out.
-#[pg_extern(stable, strict, parallel_safe)]
+#[pg_extern(stable, strict, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
 fn _duplicates(
     relid: pg_sys::Oid,
@@ -252,7 +302,7 @@ fn _duplicates(
         name!(hashes, Vec<String>),
     ),
 > {
-    let w = watched(relid);
+    let w = readable(relid);
     let Some(h) = &w.hash_column else {
         fail(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -261,20 +311,22 @@ fn _duplicates(
         )
     };
     let sql = format!(
-        "SELECT {key}, t.{h}::text FROM {table} t WHERE t.{h} IS NOT NULL",
+        "SELECT {key}, t.{h}::pg_catalog.text FROM {table} t WHERE t.{h} IS NOT NULL",
         key = w.key_expr(),
         h = quote_identifier(h),
         table = w.name
     );
-    let rows: Vec<(String, String)> = Spi::connect(|c| {
-        c.select(&sql, None, &[])?
-            .map(|r| {
-                Ok((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                ))
-            })
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    let rows: Vec<(String, String)> = as_owner(w.owner, || {
+        Spi::connect(|c| {
+            c.select(&sql, None, &[])?
+                .map(|r| {
+                    Ok((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
     })
     .unwrap_or_else(|e| pgrx::error!("doppler.duplicates on {}: {e}", w.name));
     let skip = gucs::skip_hashes();

@@ -1,11 +1,12 @@
 //! Watching tables: `doppler.watch`, `unwatch`, `retry_failed`, `wake`, and the batch step of
 //! `doppler.fill`. The SQL-facing wrappers with `regclass`/`name` signatures are in
-//! sql/finalize.sql; these check ownership with the caller's rights, then write doppler's
-//! catalog as the extension owner.
+//! sql/finalize.sql; these check the caller's ownership of the table first, then change the
+//! table as its owner and doppler's catalog as the extension owner (see `privileged.rs`).
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
+use crate::privileged::{acts_as, as_catalog, as_owner, current_user, extension_owner};
 use crate::session;
 use crate::triggers;
 use crate::worker::{self, batch};
@@ -14,26 +15,17 @@ fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
     crate::errors::raise_code(code, msg, hint)
 }
 
-/// The extension owner: doppler's catalog is written with its rights.
-pub fn extension_owner() -> pg_sys::Oid {
-    Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'doppler'",
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| pgrx::error!("extension doppler is not installed"))
-}
-
-struct Rel {
-    name: String,
-    owner: pg_sys::Oid,
+pub struct Rel {
+    pub name: String,
+    pub owner: pg_sys::Oid,
 }
 
 /// The table, which the caller must own (or be a member of its owner role).
-fn owned_table(relid: pg_sys::Oid) -> Rel {
+pub fn owned_table(relid: pg_sys::Oid) -> Rel {
     let row = Spi::get_three_with_args::<String, pg_sys::Oid, String>(
-        "SELECT format('%I.%I', n.nspname, c.relname), c.relowner, c.relkind::text
-         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.relowner, c.relkind::pg_catalog.text
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE c.oid OPERATOR(pg_catalog.=) $1",
         &[relid.into()],
     );
     let Ok((Some(name), Some(owner), Some(kind))) = row else {
@@ -50,7 +42,7 @@ fn owned_table(relid: pg_sys::Oid) -> Rel {
             "doppler watches tables and partitioned tables.",
         );
     }
-    if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) } {
+    if !acts_as(current_user(), owner) {
         fail(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("must be owner of table {name}"),
@@ -63,9 +55,10 @@ fn owned_table(relid: pg_sys::Oid) -> Rel {
 fn column_type(relid: pg_sys::Oid, col: &str) -> Option<(String, String, i32)> {
     // (type name, format_type, typmod)
     Spi::get_three_with_args::<String, String, i32>(
-        "SELECT t.typname::text, format_type(a.atttypid, a.atttypmod), a.atttypmod
-         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-         WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        "SELECT t.typname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
+         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+         WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped",
         &[relid.into(), col.into()],
     )
     .ok()
@@ -73,6 +66,7 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Option<(String, String, i32)> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn _watch(
     relid: Option<pg_sys::Oid>,
@@ -118,11 +112,12 @@ fn _watch(
         );
     }
     let keys = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT array_agg(a.attname::text ORDER BY k.ord)
+        "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY k.ord)
          FROM pg_catalog.pg_index i
-         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         WHERE i.indrelid = $1 AND i.indisprimary",
+         CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                                       AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisprimary",
         &[relid.into()],
     )
     .ok()
@@ -185,14 +180,11 @@ fn _watch(
         ),
     };
     // Watching again without naming a model keeps the table's model and model column.
-    let (current_model, current_column) = match Spi::get_two_with_args::<String, String>(
-        "SELECT model, model_column::text FROM doppler.watched WHERE relid = $1::oid::regclass",
-        &[relid.into()],
-    ) {
-        Ok(row) => row,
-        Err(pgrx::spi::Error::InvalidPosition) => (None, None), // not watched yet
-        Err(e) => pgrx::error!("could not read doppler.watched: {e}"),
-    };
+    let current = batch::load_watched(Some(relid)).into_iter().next();
+    let (current_model, current_column) = (
+        current.as_ref().map(|w| w.model.clone()),
+        current.as_ref().map(|w| w.model_column.clone()),
+    );
     let spec = session::spec(model.or(current_model.as_deref()));
     if dims > 0 && dims != spec.dim as i32 {
         fail(
@@ -275,11 +267,15 @@ fn _watch(
             "",
         );
     }
+    // The table itself is changed as its owner (the caller may be a superuser or a member of
+    // the owner role): the owner's triggers, defaults and index expressions run with its rights.
     match column_type(relid, &model_column) {
-        None => Spi::run(&format!(
-            "ALTER TABLE {name} ADD COLUMN {} text",
-            quote_identifier(&model_column)
-        ))
+        None => as_owner(rel.owner, || {
+            Spi::run(&format!(
+                "ALTER TABLE {name} ADD COLUMN {} pg_catalog.text",
+                quote_identifier(&model_column)
+            ))
+        })
         .unwrap_or_else(|e| pgrx::error!("could not add the model column to {name}: {e}")),
         Some((t, _, _)) if t == "text" => {}
         Some((_, shown, _)) => fail(
@@ -294,25 +290,22 @@ fn _watch(
     // Vectors nobody tagged (there before doppler, or written by hand) are tagged now: with the
     // table's previous model when the model changes (so they are re-embedded, readable until
     // then), else with this one. Afterwards only the worker writes tags.
-    let previous = match Spi::get_one_with_args::<String>(
-        "SELECT m.name || '@' || m.version FROM doppler.watched w JOIN doppler.models m ON m.name = w.model
-         WHERE w.relid = $1::oid::regclass AND w.vector_column = $2",
-        &[relid.into(), vector_column.into()],
-    ) {
-        Ok(tag) => tag,
-        Err(pgrx::spi::Error::InvalidPosition) => None, // not watched yet (or another column)
-        Err(e) => pgrx::error!("could not read doppler.watched: {e}"),
-    };
+    let previous = current
+        .as_ref()
+        .filter(|w| w.vector_column == vector_column)
+        .map(|w| w.spec().tag());
     let untagged_as = previous.unwrap_or_else(|| spec.tag());
     {
         let (vec, mc) = (
             quote_identifier(vector_column),
             quote_identifier(&model_column),
         );
-        Spi::run_with_args(
-            &format!("UPDATE {name} SET {mc} = $1 WHERE {vec} IS NOT NULL AND {mc} IS NULL"),
-            &[untagged_as.as_str().into()],
-        )
+        as_owner(rel.owner, || {
+            Spi::run_with_args(
+                &format!("UPDATE {name} SET {mc} = $1 WHERE {vec} IS NOT NULL AND {mc} IS NULL"),
+                &[untagged_as.as_str().into()],
+            )
+        })
         .unwrap_or_else(|e| pgrx::error!("could not tag the vectors of {name}: {e}"));
     }
     // Dedup looks up known hashes for every model run: give it an index unless one leads with
@@ -320,14 +313,16 @@ fn _watch(
     if let (true, Some(h)) = (dedup, hash_column) {
         let indexed = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
-                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                            WHERE i.indrelid = $1 AND a.attname = $2)",
+                            ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]
+                            WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name)",
             &[relid.into(), h.into()],
         )
         .unwrap_or_else(|e| pgrx::error!("could not read the indexes of {name}: {e}"));
         if indexed != Some(true) {
-            Spi::run(&format!("CREATE INDEX ON {name} ({})", quote_identifier(h)))
-                .unwrap_or_else(|e| pgrx::error!("could not index the hash column of {name}: {e}"));
+            as_owner(rel.owner, || {
+                Spi::run(&format!("CREATE INDEX ON {name} ({})", quote_identifier(h)))
+            })
+            .unwrap_or_else(|e| pgrx::error!("could not index the hash column of {name}: {e}"));
         }
     }
     let key_type = if keys.len() == 1 {
@@ -340,7 +335,7 @@ fn _watch(
         Spi::run_with_args(
             "INSERT INTO doppler.watched (relid, source_column, source_kind, vector_column, vector_kind, key_columns, batch_size, priority,
                                           key_type, mode, on_error, hash_column, dedup, model, model_column)
-             VALUES ($1::oid::regclass, $2, $3, $4, $5, $6::name[], $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6::pg_catalog.name[], $7, $8, $9, $10, $11, $12, $13, $14, $15)
              ON CONFLICT (relid) DO UPDATE SET source_column = EXCLUDED.source_column, source_kind = EXCLUDED.source_kind,
                 vector_column = EXCLUDED.vector_column, vector_kind = EXCLUDED.vector_kind, key_columns = EXCLUDED.key_columns,
                 batch_size = EXCLUDED.batch_size, priority = EXCLUDED.priority, key_type = EXCLUDED.key_type,
@@ -371,7 +366,7 @@ fn _watch(
         .into_iter()
         .next()
         .expect("just registered");
-    triggers::replace(&w);
+    as_owner(rel.owner, || triggers::replace(&w));
     wake();
     format!(
         "doppler watches {name} ({mode}): {source_column} ({source_kind}) -> {vector_column} ({vector_kind}) by {}, key ({})",
@@ -381,15 +376,25 @@ fn _watch(
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn _unwatch(relid: pg_sys::Oid) -> bool {
     let rel = owned_table(relid);
-    triggers::drop_all(&rel.name);
-    let owner = extension_owner();
-    as_catalog(owner, || {
-        Spi::run_with_args("DELETE FROM doppler.failures WHERE relid = $1::oid::regclass", &[relid.into()])?;
-        Spi::run_with_args("DELETE FROM doppler.batches WHERE relid = $1::oid::regclass", &[relid.into()])?;
+    as_owner(rel.owner, || triggers::drop_all(&rel.name));
+    as_catalog(extension_owner(), || {
+        let this = "relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass";
+        Spi::run_with_args(
+            &format!("DELETE FROM doppler.failures WHERE {this}"),
+            &[relid.into()],
+        )?;
+        Spi::run_with_args(
+            &format!("DELETE FROM doppler.batches WHERE {this}"),
+            &[relid.into()],
+        )?;
         Spi::get_one_with_args::<bool>(
-            "WITH d AS (DELETE FROM doppler.watched WHERE relid = $1::oid::regclass RETURNING 1) SELECT count(*) > 0 FROM d",
+            &format!(
+                "WITH d AS (DELETE FROM doppler.watched WHERE {this} RETURNING 1)
+                      SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM d"
+            ),
             &[relid.into()],
         )
     })
@@ -398,6 +403,7 @@ fn _unwatch(relid: pg_sys::Oid) -> bool {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn _retry_failed(relid: Option<pg_sys::Oid>) -> i64 {
     // the caller's tables only (all of them for a superuser)
     let tables: Vec<pg_sys::Oid> = match relid {
@@ -407,21 +413,26 @@ fn _retry_failed(relid: Option<pg_sys::Oid>) -> i64 {
         }
         None => Spi::connect(|c| {
             c.select(
-                "SELECT w.relid::oid FROM doppler.watched w JOIN pg_catalog.pg_class c ON c.oid = w.relid
+                "SELECT w.relid::pg_catalog.oid FROM doppler.watched w
+                 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
                  WHERE pg_catalog.pg_has_role(c.relowner, 'USAGE')",
                 None,
                 &[],
             )?
-            .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.unwrap_or(pg_sys::InvalidOid)))
+            .map(|r| {
+                r.get::<pg_sys::Oid>(1)
+                    .map(|o| o.unwrap_or(pg_sys::InvalidOid))
+            })
             .collect::<Result<Vec<_>, _>>()
         })
         .unwrap_or_default(),
     };
-    let owner = extension_owner();
-    let n = as_catalog(owner, || {
+    let n = as_catalog(extension_owner(), || {
         Spi::get_one_with_args::<i64>(
-            "WITH u AS (UPDATE doppler.failures SET attempts = 0, next_attempt = now()
-                        WHERE relid = ANY($1::oid[]::regclass[]) RETURNING 1) SELECT count(*) FROM u",
+            "WITH u AS (UPDATE doppler.failures SET attempts = 0, next_attempt = pg_catalog.now()
+                        WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])
+                        RETURNING 1)
+             SELECT pg_catalog.count(*) FROM u",
             &[tables.into()],
         )
     })
@@ -433,6 +444,7 @@ fn _retry_failed(relid: Option<pg_sys::Oid>) -> i64 {
 
 /// Claims and fills one batch of a watched table in the caller's transaction.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn _fill_batch(
     relid: pg_sys::Oid,
     max_rows: Option<i32>,
@@ -471,18 +483,30 @@ pub fn wake() -> i32 {
     wake_pids(&worker_pids())
 }
 
-/// The pids of this database's doppler workers.
+/// The pids of this database's doppler workers. Read as the extension owner: pg_stat_activity
+/// shows another role's backend_type only to roles with pg_read_all_stats, and a plain table
+/// owner's writes must wake the worker too.
 pub fn worker_pids() -> Vec<i32> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = $1 AND datname = pg_catalog.current_database()",
-            None,
-            &[worker::BACKEND_TYPE.into()],
-        )?
-        .map(|r| r.get::<i32>(1).map(|p| p.unwrap_or(0)))
-        .collect::<Result<Vec<_>, _>>()
+    as_catalog(extension_owner(), || {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT a.pid FROM pg_catalog.pg_stat_activity a
+                 WHERE a.backend_type OPERATOR(pg_catalog.=) $1
+                   AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+                None,
+                &[worker::BACKEND_TYPE.into()],
+            )?
+            .map(|r| r.get::<i32>(1).map(|p| p.unwrap_or(0)))
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_default()
     })
-    .unwrap_or_default()
+}
+
+/// The pid of this database's doppler worker (for doppler.status), whoever asks.
+#[pg_extern(stable, parallel_restricted)]
+fn _worker_pid() -> Option<i32> {
+    worker_pids().into_iter().min()
 }
 
 /// Sets the latch of each process; needs no SPI, so it can run in a commit callback.
@@ -500,17 +524,4 @@ pub fn wake_pids(pids: &[i32]) -> i32 {
         }
     }
     n
-}
-
-/// Writes doppler's catalog with the extension owner's rights, like a SECURITY DEFINER
-/// function, after the caller's rights were checked.
-fn as_catalog<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut user, mut ctx) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut ctx);
-        pg_sys::SetUserIdAndSecContext(owner, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let r = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(user, ctx) };
-    r
 }

@@ -1,7 +1,8 @@
 //! One batch of a watched table, in the current transaction: claim rows whose vector is NULL
 //! (`FOR UPDATE SKIP LOCKED`, so concurrent fillers never take the same row), prepare their
-//! images on threads (pure Rust), run the model once, write the vectors as the table owner, and
-//! record failures. Shared by the background worker and `doppler.fill()`.
+//! images on threads (pure Rust), run the model once, write the vectors, and record failures.
+//! The table is only ever touched as its owner (see `privileged.rs`). Shared by the background
+//! worker, `doppler.fill()` and the sync trigger.
 
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
 use crate::errors::sqlstate;
+use crate::privileged::{as_catalog, as_owner, extension_owner};
 use crate::{gucs, session};
 
 /// A watched table, as doppler.watched and the catalogs describe it.
@@ -23,7 +25,15 @@ pub struct Watched {
     pub source_kind: String,
     pub vector_column: String,
     pub vector_kind: String,
+    /// The vector column's type, schema-qualified where it is not in pg_catalog (`real[]`,
+    /// `public.vector`): casts name it so under the pinned search_path.
+    pub vector_type: String,
+    /// The schema of the vector column's type, quoted (pgvector's, for `halfvec` and its
+    /// operator classes).
+    pub vector_schema: String,
     pub key_columns: Vec<String>,
+    /// The type of a one-column primary key, schema-qualified where needed (by the catalog,
+    /// under the pinned search_path; never the watcher's display text); None when composite.
     pub key_type: Option<String>,
     pub batch_size: i32,
     pub mode: String,
@@ -36,53 +46,71 @@ pub struct Watched {
     pub model_column: String,
 }
 
+// Read under the pinned search_path (as_catalog), so format_type() qualifies every type that is
+// not in pg_catalog.
 const WATCHED_SQL: &str = "
-    SELECT w.relid::oid, format('%I.%I', n.nspname, c.relname), c.relowner, w.source_column::text,
-           w.source_kind, w.vector_column::text, w.vector_kind, w.key_columns::text[], w.batch_size,
-           w.key_type, w.mode, w.on_error, w.hash_column::text, w.dedup,
-           w.model, w.model_column::text
+    SELECT w.relid::pg_catalog.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relowner,
+           w.source_column::pg_catalog.text, w.source_kind, w.vector_column::pg_catalog.text, w.vector_kind,
+           pg_catalog.format_type(va.atttypid, NULL), pg_catalog.quote_ident(vn.nspname),
+           w.key_columns::pg_catalog.text[], w.batch_size,
+           (SELECT pg_catalog.format_type(ka.atttypid, ka.atttypmod) FROM pg_catalog.pg_attribute ka
+             WHERE ka.attrelid OPERATOR(pg_catalog.=) c.oid AND ka.attname OPERATOR(pg_catalog.=) w.key_columns[1]
+               AND pg_catalog.cardinality(w.key_columns) OPERATOR(pg_catalog.=) 1),
+           w.mode, w.on_error, w.hash_column::pg_catalog.text, w.dedup,
+           w.model, w.model_column::pg_catalog.text
     FROM doppler.watched w
-    JOIN pg_catalog.pg_class c ON c.oid = w.relid
-    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid OPERATOR(pg_catalog.=) c.oid
+         AND va.attname OPERATOR(pg_catalog.=) w.vector_column AND NOT va.attisdropped
+    LEFT JOIN pg_catalog.pg_type vt ON vt.oid OPERATOR(pg_catalog.=) va.atttypid
+    LEFT JOIN pg_catalog.pg_namespace vn ON vn.oid OPERATOR(pg_catalog.=) vt.typnamespace";
 
-/// Every watched table (by priority), or the one given.
+/// Every watched table (by priority), or the one given. Read as the extension owner: the
+/// catalog is visible to each role only for its own tables, and the sync trigger runs as
+/// whoever writes the table.
 pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
     let (sql, args) = match only {
         Some(oid) => (
-            format!("{WATCHED_SQL} WHERE w.relid = $1::oid::regclass"),
+            format!("{WATCHED_SQL} WHERE w.relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1"),
             vec![oid.into()],
         ),
         None => (
-            format!("{WATCHED_SQL} ORDER BY w.priority DESC, w.relid::oid"),
+            format!("{WATCHED_SQL} ORDER BY w.priority DESC, w.relid::pg_catalog.oid"),
             vec![],
         ),
     };
-    Spi::connect(|client| {
-        let rows = client.select(&sql, None, &args)?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(Watched {
-                relid: r.get(1)?.unwrap_or(pg_sys::InvalidOid),
-                name: r.get(2)?.unwrap_or_default(),
-                owner: r.get(3)?.unwrap_or(pg_sys::InvalidOid),
-                source_column: r.get(4)?.unwrap_or_default(),
-                source_kind: r.get(5)?.unwrap_or_default(),
-                vector_column: r.get(6)?.unwrap_or_default(),
-                vector_kind: r.get(7)?.unwrap_or_default(),
-                key_columns: r.get::<Vec<String>>(8)?.unwrap_or_default(),
-                batch_size: r.get(9)?.unwrap_or(32),
-                key_type: r.get(10)?,
-                mode: r.get(11)?.unwrap_or_default(),
-                on_error: r.get(12)?.unwrap_or_default(),
-                hash_column: r.get(13)?,
-                dedup: r.get(14)?.unwrap_or(false),
-                model: r.get(15)?.unwrap_or_default(),
-                model_column: r.get(16)?.unwrap_or_default(),
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_else(|e| pgrx::error!("doppler: could not read doppler.watched: {e}"))
+    let read = || {
+        Spi::connect(|client| {
+            let rows = client.select(&sql, None, &args)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(Watched {
+                    relid: r.get(1)?.unwrap_or(pg_sys::InvalidOid),
+                    name: r.get(2)?.unwrap_or_default(),
+                    owner: r.get(3)?.unwrap_or(pg_sys::InvalidOid),
+                    source_column: r.get(4)?.unwrap_or_default(),
+                    source_kind: r.get(5)?.unwrap_or_default(),
+                    vector_column: r.get(6)?.unwrap_or_default(),
+                    vector_kind: r.get(7)?.unwrap_or_default(),
+                    vector_type: r.get(8)?.unwrap_or_else(|| "real[]".into()),
+                    vector_schema: r.get(9)?.unwrap_or_else(|| "pg_catalog".into()),
+                    key_columns: r.get::<Vec<String>>(10)?.unwrap_or_default(),
+                    batch_size: r.get(11)?.unwrap_or(32),
+                    key_type: r.get(12)?,
+                    mode: r.get(13)?.unwrap_or_default(),
+                    on_error: r.get(14)?.unwrap_or_default(),
+                    hash_column: r.get(15)?,
+                    dedup: r.get(16)?.unwrap_or(false),
+                    model: r.get(17)?.unwrap_or_default(),
+                    model_column: r.get(18)?.unwrap_or_default(),
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not read doppler.watched: {e}"))
+    };
+    as_catalog(extension_owner(), read)
 }
 
 impl Watched {
@@ -99,9 +127,9 @@ impl Watched {
             .map(|c| format!("{alias}.{}", quote_identifier(c)))
             .collect();
         if cols.len() == 1 {
-            format!("{}::text", cols[0])
+            format!("{}::pg_catalog.text", cols[0])
         } else {
-            format!("ROW({})::text", cols.join(", "))
+            format!("ROW({})::pg_catalog.text", cols.join(", "))
         }
     }
 
@@ -109,9 +137,9 @@ impl Watched {
     fn shown_expr(&self) -> String {
         let src = quote_identifier(&self.source_column);
         if self.source_kind == "bytea" {
-            format!("'bytea md5:' || md5(t.{src})")
+            format!("'bytea md5:' OPERATOR(pg_catalog.||) pg_catalog.md5(t.{src})")
         } else {
-            format!("t.{src}")
+            format!("t.{src}::pg_catalog.text")
         }
     }
 
@@ -125,17 +153,17 @@ impl Watched {
     /// `watch` tagged them when the model changed).
     pub fn current_vector_over(&self, alias: &str, tag: &str) -> String {
         format!(
-            "({alias}.{vec} IS NOT NULL AND ({alias}.{mc} IS NULL OR {alias}.{mc} = {tag}))",
+            "({alias}.{vec} IS NOT NULL AND ({alias}.{mc} IS NULL OR {alias}.{mc} OPERATOR(pg_catalog.=) {tag}))",
             vec = quote_identifier(&self.vector_column),
             mc = quote_identifier(&self.model_column),
         )
     }
 
-    fn vector_cast(&self) -> &'static str {
+    /// `$1::real[]` cast to the vector column's type (qualified: pgvector may be in any schema).
+    fn vector_param(&self) -> String {
         match self.vector_kind.as_str() {
-            "vector" => "::vector",
-            "halfvec" => "::halfvec",
-            _ => "",
+            "real[]" => "$1::pg_catalog.float4[]".into(),
+            _ => format!("$1::pg_catalog.float4[]::{}", self.vector_type),
         }
     }
 }
@@ -172,25 +200,6 @@ struct Claimed {
     has_vector: bool,
 }
 
-/// Runs `f` as `role` (for writes into a user's table: its triggers then run with the owner's
-/// rights, never the worker's), in a security-restricted operation like autovacuum's.
-fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut saved_user, mut saved_ctx) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(
-            role,
-            saved_ctx
-                | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                    as i32,
-        );
-    }
-    // On ERROR the transaction abort restores the user and context.
-    let r = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
-    r
-}
-
 fn may_read_server_files(role: pg_sys::Oid) -> bool {
     unsafe {
         pg_sys::superuser_arg(role)
@@ -198,9 +207,9 @@ fn may_read_server_files(role: pg_sys::Oid) -> bool {
     }
 }
 
-/// Claims up to `limit` rows of `w` and fills them. `catalog_role` reads the claim and writes
-/// doppler's catalog (the worker itself, or the extension owner for `fill`); vectors are written
-/// as the table owner. Model errors (no model, library missing) are raised: they are not the
+/// Claims up to `limit` rows of `w` and fills them. The table is claimed, read and written as
+/// its owner ([`as_owner`]); `catalog_role` writes doppler's catalog (the worker itself, or the
+/// extension owner for `fill` and the sync trigger) with plain values. Model errors (no model, library missing) are raised: they are not the
 /// rows' fault.
 ///
 /// `only` restricts the claim to these row keys (the sync trigger's rows); with `raise`, the
@@ -217,7 +226,8 @@ pub fn run_batch(
     let limit = limit.clamp(1, w.batch_size as i64);
     let spec = w.spec();
     let tag = spec.tag();
-    let claimed = as_role(catalog_role, || claim(w, limit, only, &tag));
+    // claim: as the table owner (its casts, operators and policies run with its own rights)
+    let claimed = as_owner(w.owner, || claim(w, limit, only, &tag));
     if claimed.is_empty() {
         return BatchReport::default();
     }
@@ -321,7 +331,7 @@ pub fn run_batch(
                 }
                 if w.dedup && !groups.is_empty() {
                     let keys: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
-                    let known = as_role(w.owner, || existing_vectors(w, &tag, &keys));
+                    let known = as_owner(w.owner, || existing_vectors(w, &tag, &keys));
                     groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
                         Some((_, v)) => {
                             for &i in rows {
@@ -372,9 +382,9 @@ pub fn run_batch(
         }
         errors = Vec::new();
     }
-    as_role(w.owner, || write_rows(w, &tag, &claimed, &outcomes));
+    as_owner(w.owner, || write_rows(w, &tag, &claimed, &outcomes));
     let filled = outcomes.iter().filter(|o| o.vector.is_some()).count() as i64;
-    as_role(catalog_role, || {
+    as_catalog(catalog_role, || {
         record_failures(w, &claimed, &errors);
         record_skips(w, &claimed, &skips);
         let settled: Vec<String> = claimed
@@ -384,7 +394,9 @@ pub fn run_batch(
             .map(|(c, _)| c.key.clone())
             .collect();
         Spi::run_with_args(
-            "DELETE FROM doppler.failures WHERE relid = $1::oid::regclass AND row_key = ANY($2)",
+            "DELETE FROM doppler.failures
+             WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+               AND row_key OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[])",
             &[w.relid.into(), settled.into()],
         )
         .unwrap_or_else(|e| pgrx::error!("doppler: could not clear failures of {}: {e}", w.name));
@@ -397,9 +409,10 @@ pub fn run_batch(
         deduped,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    as_role(catalog_role, || {
+    as_catalog(catalog_role, || {
         Spi::run_with_args(
-            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped) VALUES ($1::oid::regclass, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped)
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, $7)",
             &[
                 w.relid.into(),
                 (report.claimed as i32).into(),
@@ -423,31 +436,36 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Cla
         (None, _) => String::new(),
         // one-column key: compare in its own type, so its index can serve
         (Some(_), Some(ty)) => format!(
-            "AND t.{} = ANY($3::text[]::{ty}[])",
+            "AND t.{} = ANY ($3::pg_catalog.text[]::{ty}[])",
             quote_identifier(&w.key_columns[0])
         ),
-        (Some(_), None) => format!("AND {key} = ANY($3::text[])"),
+        (Some(_), None) => format!("AND {key} = ANY ($3::pg_catalog.text[])"),
     };
     let current = w.current_vector_over("t", &quote_literal(tag));
     let (hash_sel, todo) = match &w.hash_column {
         Some(h) => {
             let h = quote_identifier(h);
             (
-                format!("t.{h}::text"),
+                format!("t.{h}::pg_catalog.text"),
                 format!("(NOT {current} OR t.{h} IS NULL)"),
             )
         }
-        None => ("NULL::text".to_string(), format!("NOT {current}")),
+        None => (
+            "NULL::pg_catalog.text".to_string(),
+            format!("NOT {current}"),
+        ),
     };
-    // A failure record holds the row back only while its source is unchanged.
+    // A failure record holds the row back only while its source is unchanged. Runs as the
+    // table owner, who sees the failure records of its own tables (row-level security).
     let sql = format!(
-        "SELECT t.ctid::text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, {current}
+        "SELECT t.ctid::pg_catalog.text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, {current}
          FROM {table} t
          WHERE {todo} AND t.{src} IS NOT NULL {only_filter}
-           AND NOT EXISTS (SELECT 1 FROM doppler.failures f
-                           WHERE f.relid = $1::oid::regclass AND f.row_key = {key}
+           AND NOT EXISTS (SELECT FROM doppler.failures f
+                           WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                             AND f.row_key OPERATOR(pg_catalog.=) {key}
                              AND f.source IS NOT DISTINCT FROM {shown}
-                             AND (f.next_attempt IS NULL OR f.next_attempt > now()))
+                             AND (f.next_attempt IS NULL OR f.next_attempt OPERATOR(pg_catalog.>) pg_catalog.now()))
          LIMIT $2
          FOR UPDATE OF t SKIP LOCKED",
         table = w.name,
@@ -504,11 +522,11 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome])
     };
     let mc = quote_identifier(&w.model_column);
     let sql = format!(
-        "UPDATE {table} SET {vec} = coalesce($1::real[]{cast}, {vec}),
+        "UPDATE {table} SET {vec} = coalesce({param}, {vec}),
                 {mc} = CASE WHEN $1 IS NULL THEN {mc} ELSE {tag} END{hash_set}
-         WHERE ctid = $2::tid AND tableoid = $3",
+         WHERE ctid OPERATOR(pg_catalog.=) $2::pg_catalog.tid AND tableoid OPERATOR(pg_catalog.=) $3",
         table = w.name,
-        cast = w.vector_cast(),
+        param = w.vector_param(),
         tag = quote_literal(tag),
     );
     let mut types = vec![
@@ -547,8 +565,8 @@ fn existing_vectors(w: &Watched, tag: &str, hashes: &[String]) -> Vec<(String, V
     };
     let (h, vec) = (quote_identifier(h), quote_identifier(&w.vector_column));
     let sql = format!(
-        "SELECT DISTINCT ON (t.{h}) t.{h}::text, t.{vec}::real[] FROM {table} t
-         WHERE t.{h} = ANY($1) AND {current}",
+        "SELECT DISTINCT ON (t.{h}) t.{h}::pg_catalog.text, t.{vec}::pg_catalog.float4[] FROM {table} t
+         WHERE t.{h} = ANY ($1::pg_catalog.text[]) AND {current}",
         table = w.name,
         current = w.current_vector_over("t", &quote_literal(tag)),
     );
@@ -572,9 +590,9 @@ fn record_skips(w: &Watched, claimed: &[Claimed], skips: &[(usize, String)]) {
         let c = &claimed[*i];
         Spi::run_with_args(
             "INSERT INTO doppler.failures AS f (relid, row_key, source, error_class, sqlstate, message, next_attempt)
-             VALUES ($1::oid::regclass, $2, $3, 'skip_hash', '00000', $4, NULL)
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, 'skip_hash', '00000', $4, NULL)
              ON CONFLICT (relid, row_key) DO UPDATE SET source = EXCLUDED.source, error_class = 'skip_hash',
-                sqlstate = '00000', message = EXCLUDED.message, last_attempt = now(), next_attempt = NULL",
+                sqlstate = '00000', message = EXCLUDED.message, last_attempt = pg_catalog.now(), next_attempt = NULL",
             &[
                 w.relid.into(),
                 c.key.as_str().into(),
@@ -592,13 +610,16 @@ fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) 
     }
     let sql = "
         INSERT INTO doppler.failures AS f (relid, row_key, source, error_class, sqlstate, message, next_attempt)
-        VALUES ($1::oid::regclass, $2, $3, $4, $5, $6,
-                CASE WHEN $7 <= 1 THEN NULL ELSE now() + $8 * interval '1 second' END)
+        VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6,
+                CASE WHEN $7::pg_catalog.int4 OPERATOR(pg_catalog.<=) 1 THEN NULL
+                     ELSE pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $8::pg_catalog.float8) END)
         ON CONFLICT (relid, row_key) DO UPDATE
            SET source = EXCLUDED.source, error_class = EXCLUDED.error_class, sqlstate = EXCLUDED.sqlstate,
-               message = EXCLUDED.message, attempts = f.attempts + 1, last_attempt = now(),
-               next_attempt = CASE WHEN f.attempts + 1 >= $7 THEN NULL
-                                   ELSE now() + $8 * power(2, f.attempts) * interval '1 second' END";
+               message = EXCLUDED.message, attempts = f.attempts OPERATOR(pg_catalog.+) 1, last_attempt = pg_catalog.now(),
+               next_attempt = CASE WHEN f.attempts OPERATOR(pg_catalog.+) 1 OPERATOR(pg_catalog.>=) $7::pg_catalog.int4 THEN NULL
+                                   ELSE pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs =>
+                                        $8::pg_catalog.float8 OPERATOR(pg_catalog.*)
+                                        pg_catalog.power(2::pg_catalog.float8, f.attempts::pg_catalog.float8)) END";
     let max_attempts = gucs::MAX_ATTEMPTS.get();
     let backoff = gucs::RETRY_BACKOFF.get() as f64;
     Spi::connect_mut(|client| {

@@ -45,6 +45,9 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // A superuser connection: no database or role default, nor anything in `public`, may reach
+    // its statements.
+    crate::privileged::pin_session_search_path();
     log!("doppler worker started in database \"{db}\"");
     let mut busy = false;
     let mut last_prune = Instant::now();

@@ -75,10 +75,10 @@ log_min_messages = info
     def stop(self, mode="fast"):
         as_pg([f"{BINDIR}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"])
 
-    def connect(self, db=DB, retries=60):
+    def connect(self, db=DB, retries=60, user="postgres"):
         for i in range(retries):
             try:
-                return psycopg.connect(host=self.dir, dbname=db, user="postgres", autocommit=True)
+                return psycopg.connect(host=self.dir, dbname=db, user=user, autocommit=True)
             except psycopg.OperationalError:
                 if i == retries - 1:
                     raise

@@ -22,8 +22,10 @@ def make_table(db, name, n_copies=1, extra_rows=(), vector_type="real[]", log=Fa
     if log:
         # every write of the vector column, committed or not with its batch
         db.execute(f"CREATE TABLE {name}_writes (id int, at timestamptz DEFAULT clock_timestamp())")
+        # (doppler writes as the table owner with search_path = pg_catalog, pg_temp: the trigger
+        # names its table with its schema, as functions run by maintenance operations must)
         db.execute(f"""CREATE FUNCTION {name}_log() RETURNS trigger LANGUAGE plpgsql AS $$
-                       BEGIN INSERT INTO {name}_writes (id) VALUES (NEW.id); RETURN NEW; END $$""")
+                       BEGIN INSERT INTO public.{name}_writes (id) VALUES (NEW.id); RETURN NEW; END $$""")
         db.execute(f"""CREATE TRIGGER {name}_log AFTER UPDATE OF features ON {name}
                        FOR EACH ROW WHEN (NEW.features IS NOT NULL) EXECUTE FUNCTION {name}_log()""")
     return len(rows)
