@@ -176,7 +176,33 @@ COMMENT ON VIEW @extschema@.status IS
   'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
--- (No SET search_path: a procedure with one cannot COMMIT; every name below is qualified.)
+-- A procedure with SET search_path cannot COMMIT, so this one runs under its caller's path and
+-- names every object and operator with its schema (a role that may create objects in a schema
+-- on the caller's path must not get its operators run); the arithmetic of the progress notice
+-- lives in a function with a pinned path.
+CREATE FUNCTION @extschema@._fill_progress(tbl regclass, total bigint, done_before bigint, filled bigint,
+                                           failed bigint, t0 timestamptz, finished boolean)
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    secs float8 := extract(epoch FROM clock_timestamp() - t0);
+    rate float8 := filled / nullif(secs, 0);
+    todo bigint := greatest(total - done_before - filled - failed, 0);
+BEGIN
+    IF finished THEN
+        RETURN format('doppler.fill %s: finished, %s filled, %s failed in %s s', tbl, filled, failed,
+                      round(secs::numeric, 1));
+    END IF;
+    RETURN format('doppler.fill %s: %s / %s done (%s %%), %s failed, %s images/s, ETA %s',
+                  tbl, done_before + filled, total, round(100.0 * (done_before + filled) / nullif(total, 0), 1),
+                  failed, round(rate::numeric, 2),
+                  CASE WHEN rate > 0 THEN make_interval(secs => round(todo / rate)) END);
+END $$;
+
+-- How many rows the next batch of fill may take: NULL (no limit), or what max_rows leaves.
+CREATE FUNCTION @extschema@._fill_left(max_rows int, filled bigint, failed bigint) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN max_rows IS NULL THEN NULL ELSE greatest(max_rows - filled - failed, 0)::int END;
+
 CREATE PROCEDURE @extschema@.fill(tbl regclass, max_rows int DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -185,34 +211,26 @@ DECLARE
     done_before bigint;
     filled bigint := 0;
     failed bigint := 0;
-    t0 timestamptz := clock_timestamp();
-    secs float8;
-    rate float8;
-    todo bigint;
+    t0 timestamptz := pg_catalog.clock_timestamp();
+    left_rows int;
 BEGIN
     SELECT s.total, s.done INTO total, done_before FROM @extschema@.status s
      WHERE s.table_name::pg_catalog.oid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not watched by doppler', tbl USING ERRCODE = 'undefined_object',
-              HINT = 'Call doppler.watch(' || quote_literal(tbl::text) || ') first.';
+              HINT = pg_catalog.format('Call doppler.watch(%L) first.', tbl);
     END IF;
     LOOP
-        EXIT WHEN max_rows IS NOT NULL AND filled + failed >= max_rows;
-        SELECT * INTO r FROM @extschema@._fill_batch(tbl::oid, CASE WHEN max_rows IS NULL THEN NULL ELSE (max_rows - filled - failed)::int END);
-        EXIT WHEN r.claimed = 0;
-        filled := filled + r.filled;
-        failed := failed + r.failed;
+        left_rows := @extschema@._fill_left(max_rows, filled, failed);
+        EXIT WHEN left_rows OPERATOR(pg_catalog.=) 0;
+        SELECT * INTO r FROM @extschema@._fill_batch(tbl::pg_catalog.oid, left_rows);
+        EXIT WHEN r.claimed OPERATOR(pg_catalog.=) 0;
+        filled := filled OPERATOR(pg_catalog.+) r.filled;
+        failed := failed OPERATOR(pg_catalog.+) r.failed;
         COMMIT;
-        secs := extract(epoch FROM clock_timestamp() - t0);
-        rate := filled / nullif(secs, 0);
-        todo := greatest(total - done_before - filled - failed, 0);
-        RAISE NOTICE 'doppler.fill %: % / % done (% %%), % failed, % images/s, ETA %',
-            tbl, done_before + filled, total,
-            round(100.0 * (done_before + filled) / nullif(total, 0), 1),
-            failed, round(rate::numeric, 2),
-            CASE WHEN rate > 0 THEN make_interval(secs => round(todo / rate)) END;
+        RAISE NOTICE '%', @extschema@._fill_progress(tbl, total, done_before, filled, failed, t0, false);
     END LOOP;
-    RAISE NOTICE 'doppler.fill %: finished, % filled, % failed in % s', tbl, filled, failed, round(extract(epoch FROM clock_timestamp() - t0)::numeric, 1);
+    RAISE NOTICE '%', @extschema@._fill_progress(tbl, total, done_before, filled, failed, t0, true);
 END $$;
 COMMENT ON PROCEDURE @extschema@.fill(regclass, int) IS
   'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. CALL it outside a transaction block.';

@@ -51,3 +51,45 @@ pub fn raise_code(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     report.report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
 }
+
+/// Runs `f` in an internal subtransaction: an ERROR inside is rolled back (with whatever `f`
+/// changed, the current user and settings included) and returned as its message, so that one
+/// table's failure does not abort the caller's statement.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    use pgrx::pg_sys;
+    // SAFETY: the protocol of PL/pgSQL's exception blocks: begin, then release on success or
+    // roll back on error, restoring the memory context and resource owner of the caller.
+    let (context, owner) = unsafe {
+        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(saved.0);
+        saved
+    };
+    let mut f = Some(f);
+    let f = std::panic::AssertUnwindSafe(&mut f);
+    pgrx::PgTryBuilder::new(move || {
+        let f = f;
+        let r = (f.0.take().expect("run once"))();
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Ok(r)
+    })
+    .catch_others(move |e| {
+        let msg = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        };
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Err(msg)
+    })
+    .execute()
+}

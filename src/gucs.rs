@@ -35,6 +35,8 @@ pub static MAX_IMAGE_DIMENSION: GucSetting<i32> = GucSetting::<i32>::new(30_000)
 pub static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `doppler.worker_naptime`: how long an idle worker sleeps (ms) unless woken.
 pub static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `doppler.worker_batch_timeout`: longest a worker's batch may run (ms; 0: no limit).
+pub static WORKER_BATCH_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 /// `doppler.worker_intra_op_threads`: ORT threads of a worker's session (0: all cores).
 pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `doppler.decode_threads`: threads that read, decode and resize a batch's images.
@@ -192,6 +194,16 @@ pub fn init_worker_gucs() {
         &WORKER_NAPTIME,
         10,
         3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.worker_batch_timeout",
+        c"Longest a background worker's batch may run before it is cancelled and rolled back; 0: no limit.",
+        c"The worker runs table owners' code (triggers, casts, policies): a batch that sleeps or waits on a lock must not stall every other watched table. The worker goes on with the next table.",
+        &WORKER_BATCH_TIMEOUT,
+        0,
+        86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

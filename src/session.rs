@@ -55,7 +55,7 @@ pub fn spec(name: Option<&str>) -> ModelSpec {
     let row = Spi::connect(|client| {
         let mut rows = client.select(
             "SELECT onnx_path, input_size, resize, divisor, mean, std, dim, version
-             FROM doppler.models WHERE name = $1",
+             FROM doppler.models WHERE name OPERATOR(pg_catalog.=) $1::pg_catalog.text",
             None,
             &[name.as_str().into()],
         )?;

@@ -20,7 +20,7 @@ use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
 use crate::api::watch::{wake_pids, worker_pids};
 use crate::privileged::{as_owner, extension_owner};
-use crate::worker::batch::{self, Watched};
+use crate::worker::batch::{self, Via, Watched};
 
 const NAMES: [&str; 4] = [
     "doppler_wake",
@@ -191,7 +191,14 @@ fn fill_rows(w: &Watched, keys: &[String]) -> i64 {
     // every batch settles its rows (filled, or failed and recorded), so this many batches suffice
     let rounds = keys.len().div_ceil(w.batch_size.max(1) as usize) + 1;
     for _ in 0..rounds {
-        let r = batch::run_batch(w, w.batch_size as i64, owner, "sync", Some(keys), raise);
+        let r = batch::run_batch(
+            w.relid,
+            w.batch_size as i64,
+            owner,
+            Via::Sync,
+            Some(keys),
+            raise,
+        );
         filled += r.filled;
         if r.claimed == 0 {
             break;

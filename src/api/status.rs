@@ -1,10 +1,13 @@
 //! Row counts for `doppler.status`: counted as the table's owner (never as a definer, nor as
 //! the superuser who happens to read the view), and only for callers who own the table or may
-//! SELECT it. A full scan: the status view is for people, not hot paths.
+//! SELECT it. A table whose count fails (its owner's policy raises, say) shows NULL counts and a
+//! WARNING: it cannot take the view down for everyone. A full scan: the status view is for
+//! people, not hot paths.
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
+use crate::errors::in_subtransaction;
 use crate::privileged::{acts_as, as_owner, current_user};
 use crate::worker::batch;
 
@@ -16,10 +19,10 @@ fn _counts(
 ) -> TableIterator<
     'static,
     (
-        name!(total, i64),
-        name!(done, i64),
-        name!(skipped, i64),
-        name!(stale, i64),
+        name!(total, Option<i64>),
+        name!(done, Option<i64>),
+        name!(skipped, Option<i64>),
+        name!(stale, Option<i64>),
         name!(model, String),
     ),
 > {
@@ -54,17 +57,23 @@ fn _counts(
          FROM {table} t",
         table = w.name
     );
-    let counts = as_owner(w.owner, || {
-        Spi::connect(|c| {
-            let row = c.select(&sql, Some(1), &[tag.as_str().into()])?.first();
-            Ok::<_, pgrx::spi::Error>((
-                row.get::<i64>(1)?.unwrap_or(0),
-                row.get::<i64>(2)?.unwrap_or(0),
-                row.get::<i64>(3)?.unwrap_or(0),
-                row.get::<i64>(4)?.unwrap_or(0),
-            ))
+    let counted = in_subtransaction(|| {
+        as_owner(w.owner, || {
+            Spi::connect(|c| {
+                let row = c.select(&sql, Some(1), &[tag.as_str().into()])?.first();
+                Ok::<_, pgrx::spi::Error>([
+                    row.get::<i64>(1)?,
+                    row.get::<i64>(2)?,
+                    row.get::<i64>(3)?,
+                    row.get::<i64>(4)?,
+                ])
+            })
         })
-    })
-    .unwrap_or_else(|e| pgrx::error!("doppler: could not count the rows of {}: {e}", w.name));
-    TableIterator::once((counts.0, counts.1, counts.2, counts.3, tag))
+        .unwrap_or_else(|e| pgrx::error!("{e}"))
+    });
+    let [total, done, skipped, stale] = counted.unwrap_or_else(|msg| {
+        warning!("doppler: could not count the rows of {}: {msg}", w.name);
+        [None; 4]
+    });
+    TableIterator::once((total, done, skipped, stale, tag))
 }

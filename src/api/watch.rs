@@ -90,6 +90,13 @@ fn _watch(
     };
     let rel = owned_table(relid);
     let name = &rel.name;
+    if let Some(child) = batch::foreign_child(relid, rel.owner) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{child}, a partition or child table of {name}, has another owner"),
+            "doppler works on a table as its owner only: give the partitions the parent's owner, or watch each one.",
+        );
+    }
     if !["async", "sync", "manual"].contains(&mode) {
         fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -472,7 +479,14 @@ fn _fill_batch(
     let r = if limit <= 0 {
         batch::BatchReport::default()
     } else {
-        batch::run_batch(&w, limit, extension_owner(), "fill", None, false)
+        batch::run_batch(
+            w.relid,
+            limit,
+            extension_owner(),
+            batch::Via::Fill,
+            None,
+            false,
+        )
     };
     TableIterator::once((r.claimed, r.filled, r.failed, r.seconds))
 }

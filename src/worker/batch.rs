@@ -168,6 +168,101 @@ impl Watched {
     }
 }
 
+/// Who runs a batch (doppler.batches.via).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The background worker: skips a table someone holds locked.
+    Worker,
+    /// `doppler.fill()` in the foreground.
+    Fill,
+    /// The sync trigger, in the writing statement.
+    Sync,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Worker => "worker",
+            Via::Fill => "fill",
+            Via::Sync => "sync",
+        }
+    }
+}
+
+/// The watch of `relid` as it is now, with the table locked for this transaction (ROW
+/// EXCLUSIVE: it is about to be updated), so that its name and owner hold until commit: DROP,
+/// RENAME and ALTER ... OWNER wait for the lock. The worker does not wait for a table someone
+/// holds locked (None: skipped this pass). Raises when a partition or child table has another
+/// owner: doppler would run that owner's triggers with the parent owner's rights.
+pub fn lock_current(relid: pg_sys::Oid, via: Via) -> Option<Watched> {
+    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    if via == Via::Worker {
+        if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
+            return None;
+        }
+    } else {
+        unsafe { pg_sys::LockRelationOid(relid, mode) };
+    }
+    let w = load_watched(Some(relid)).into_iter().next()?;
+    if let Some(child) = foreign_child(relid, w.owner) {
+        crate::errors::raise_code(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{child}, a partition or child table of {}, has another owner", w.name),
+            "doppler works on a table as its owner only: give the partitions the parent's owner, or watch each one.",
+        );
+    }
+    Some(w)
+}
+
+/// A partition or inheritance child of `relid` (at any depth) owned by a role other than
+/// `owner`, by name.
+pub fn foreign_child(relid: pg_sys::Oid, owner: pg_sys::Oid) -> Option<String> {
+    as_catalog(extension_owner(), || {
+        Spi::get_one_with_args::<String>(
+            "WITH RECURSIVE tree (oid) AS (
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent OPERATOR(pg_catalog.=) $1
+                 UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent OPERATOR(pg_catalog.=) tree.oid)
+             SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+             FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.oid
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+             WHERE c.relowner OPERATOR(pg_catalog.<>) $2 LIMIT 1",
+            &[relid.into(), owner.into()],
+        )
+    })
+    .or_else(|e| match e {
+        pgrx::spi::Error::InvalidPosition => Ok(None), // none
+        e => Err(e),
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not read the partitions of relation {}: {e}", relid.to_u32()))
+}
+
+impl Watched {
+    /// Raises unless the table's name still names this table. Called as the owner before each
+    /// statement over the table: a schema can be renamed without any lock on the tables in it,
+    /// and a role that owns the schema of someone else's table could otherwise put another
+    /// table under the same name.
+    pub fn check_name(&self) {
+        let same = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid IS NOT DISTINCT FROM $2",
+            &[self.name.as_str().into(), self.relid.into()],
+        )
+        .ok()
+        .flatten();
+        if same != Some(true) {
+            crate::errors::raise_code(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "{} no longer names relation {} (renamed during the batch)",
+                    self.name,
+                    self.relid.to_u32()
+                ),
+                "The batch is rolled back; the next one reads the table's name afresh.",
+            );
+        }
+    }
+}
+
 /// What a batch did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchReport {
@@ -215,14 +310,17 @@ fn may_read_server_files(role: pg_sys::Oid) -> bool {
 /// `only` restricts the claim to these row keys (the sync trigger's rows); with `raise`, the
 /// first bad image raises its ERROR instead of being recorded.
 pub fn run_batch(
-    w: &Watched,
+    relid: pg_sys::Oid,
     limit: i64,
     catalog_role: pg_sys::Oid,
-    via: &str,
+    via: Via,
     only: Option<&[String]>,
     raise: bool,
 ) -> BatchReport {
     let t0 = Instant::now();
+    let Some(w) = &lock_current(relid, via) else {
+        return BatchReport::default();
+    };
     let limit = limit.clamp(1, w.batch_size as i64);
     let spec = w.spec();
     let tag = spec.tag();
@@ -419,7 +517,7 @@ pub fn run_batch(
                 (report.filled as i32).into(),
                 (report.failed as i32).into(),
                 report.seconds.into(),
-                via.into(),
+                via.as_str().into(),
                 (report.deduped as i32).into(),
             ],
         )
@@ -457,6 +555,7 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Cla
     };
     // A failure record holds the row back only while its source is unchanged. Runs as the
     // table owner, who sees the failure records of its own tables (row-level security).
+    w.check_name();
     let sql = format!(
         "SELECT t.ctid::pg_catalog.text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, {current}
          FROM {table} t
@@ -521,6 +620,7 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome])
         None => String::new(),
     };
     let mc = quote_identifier(&w.model_column);
+    w.check_name();
     let sql = format!(
         "UPDATE {table} SET {vec} = coalesce({param}, {vec}),
                 {mc} = CASE WHEN $1 IS NULL THEN {mc} ELSE {tag} END{hash_set}
@@ -551,6 +651,7 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome])
             if w.hash_column.is_some() {
                 args.push(o.hash.clone().into());
             }
+            w.check_name(); // (a plan invalidated by a rename would look the name up again)
             client.update(&stmt, None, &args)?;
         }
         Ok::<_, pgrx::spi::Error>(())
@@ -564,6 +665,7 @@ fn existing_vectors(w: &Watched, tag: &str, hashes: &[String]) -> Vec<(String, V
         return Vec::new();
     };
     let (h, vec) = (quote_identifier(h), quote_identifier(&w.vector_column));
+    w.check_name();
     let sql = format!(
         "SELECT DISTINCT ON (t.{h}) t.{h}::pg_catalog.text, t.{vec}::pg_catalog.float4[] FROM {table} t
          WHERE t.{h} = ANY ($1::pg_catalog.text[]) AND {current}",

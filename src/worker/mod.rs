@@ -16,6 +16,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 
 use crate::gucs;
+use batch::Via;
 
 /// The `backend_type` of doppler workers in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "doppler worker";
@@ -103,7 +104,9 @@ fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
         }
         report(&format!("doppler: filling {}", w.name));
         match in_transaction(&format!("filling {}", w.name), || {
-            batch::run_batch(&w, w.batch_size as i64, me, "worker", None, false)
+            with_batch_timeout(|| {
+                batch::run_batch(w.relid, w.batch_size as i64, me, Via::Worker, None, false)
+            })
         }) {
             Some(r) if r.claimed > 0 => {
                 claimed = true;
@@ -129,6 +132,16 @@ fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
     claimed
 }
 
+// utils/timeout.h (not in pgrx's bindings): STATEMENT_TIMEOUT is 3 in PostgreSQL 15 to 18.
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+
+/// lock.h's USER_LOCKMETHOD: advisory locks.
+const USER_LOCKMETHOD: pg_sys::LOCKMETHODID = 2;
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Whether SIGTERM (or postmaster death) asked the worker to stop. Sticky: pgrx's own flag is
@@ -138,6 +151,20 @@ fn stopping() -> bool {
         STOP.store(true, Ordering::SeqCst);
     }
     STOP.load(Ordering::SeqCst)
+}
+
+/// Runs `f` under `doppler.worker_batch_timeout`: table owners' code runs in a batch, and a
+/// sleep or a lock wait there must not stall the other tables. The timer is the one behind
+/// statement_timeout (which SPI in a background worker never arms); code inside cannot disarm it.
+fn with_batch_timeout<R>(f: impl FnOnce() -> R) -> R {
+    let ms = gucs::WORKER_BATCH_TIMEOUT.get();
+    if ms > 0 {
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
+    }
+    // On ERROR the abort path of in_transaction disarms it (below).
+    let r = f();
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    r
 }
 
 /// Runs `f` in its own transaction. A Postgres ERROR inside is logged and the transaction rolled
@@ -165,12 +192,16 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
     })
     .execute();
     unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
         if result.is_some() {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
         } else {
             pg_sys::AbortCurrentTransaction();
         }
+        // Session-level advisory locks outlive the transaction: a table owner's trigger must
+        // not leave one held by the worker (what pg_advisory_unlock_all() does).
+        pg_sys::LockReleaseSession(USER_LOCKMETHOD);
     }
     result
 }

@@ -441,6 +441,182 @@ def test_search_refuses_a_reader_that_row_level_security_limits(cluster, admin):
 
 
 # ---------------------------------------------------------------------------------------------
+# adversarial: the worker as a target (found by the review of the first fix)
+
+
+def test_attack_schema_owner_swaps_the_victims_table_under_the_worker(cluster, admin):
+    """A role that owns the schema of a superuser's watched table renames that schema from its
+    own batch (its cast runs in the worker, first by priority) and puts its own table under the
+    old name: the worker must not then run the attacker's cast as the victim's owner."""
+    r = "tb_swap"
+    before = hostile(admin, cluster, r)
+    admin.execute("DROP SCHEMA IF EXISTS tb_swapv CASCADE")
+    admin.execute("DROP SCHEMA IF EXISTS tb_swapv_old CASCADE")
+    admin.execute(f"CREATE SCHEMA tb_swapv AUTHORIZATION {r}")
+    admin.execute(f"GRANT CREATE ON DATABASE doppler_it TO {r}")  # to make the look-alike schema
+    admin.execute("CREATE TABLE tb_swapv.imgs (id int PRIMARY KEY, img bytea, features real[])")  # owned by postgres
+    admin.execute("INSERT INTO tb_swapv.imgs VALUES (1, %s)", (data(B),))
+    admin.execute("SELECT doppler.watch('tb_swapv.imgs', 'img', mode => 'manual')")
+    with cluster.connect(user=r) as c:
+        c.execute(f"""
+            CREATE TYPE {r}.k AS ENUM ('a', 'b');
+            CREATE FUNCTION {r}.kt({r}.k) RETURNS text LANGUAGE plpgsql AS $f$
+            BEGIN
+                PERFORM {r}.note('key cast');
+                IF current_user OPERATOR(pg_catalog.=) '{r}' AND NOT EXISTS (
+                       SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'tb_swapv_old') THEN
+                    EXECUTE 'ALTER SCHEMA tb_swapv RENAME TO tb_swapv_old';
+                    EXECUTE 'CREATE SCHEMA tb_swapv';
+                    EXECUTE 'CREATE TABLE tb_swapv.imgs (id {r}.k PRIMARY KEY, img bytea, features real[], features_model text)';
+                    EXECUTE 'INSERT INTO tb_swapv.imgs SELECT id, img FROM {r}.bait';
+                END IF;
+                RETURN pg_catalog.format('%s', $1);
+            END $f$;
+            CREATE CAST ({r}.k AS text) WITH FUNCTION {r}.kt({r}.k)""")
+        c.execute(f"CREATE TABLE {r}.bait (id {r}.k PRIMARY KEY, img bytea, features real[])")
+        c.execute(f"SELECT doppler.watch('{r}.bait', 'img', mode => 'manual', priority => 100)")
+        c.execute(f"INSERT INTO {r}.bait VALUES ('a', %s)", (data(A),))
+    # the worker fills the bait (and swaps), then the victim under its real name
+    wait_filled(admin, f"{r}.bait", 1, waker=admin)
+    assert admin.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'tb_swapv_old'").fetchone()[0] == 1
+    wait_filled(admin, "tb_swapv_old.imgs", 1, waker=admin)
+    assert admin.execute("SELECT count(features) FROM tb_swapv.imgs").fetchone()[0] == 0
+    assert_contained(admin, r, before, require=("key cast",))
+
+
+def test_attack_operator_in_public_reaches_a_superusers_fill(cluster, admin):
+    """fill cannot pin its search_path (it commits): an exact operator a role plants in public
+    must not run when a superuser calls fill with the default search_path."""
+    r = "tb_pubop"
+    before = hostile(admin, cluster, r)
+    admin.execute(f"GRANT CREATE ON SCHEMA public TO {r}")
+    try:
+        with cluster.connect(user=r) as c:
+            for op, left, right, body in [("/", "bigint", "double precision", "$1::float8 OPERATOR(pg_catalog./) $2"),
+                                          ("*", "numeric", "bigint", "$1 OPERATOR(pg_catalog.*) $2::numeric"),
+                                          (">", "double precision", "integer", "$1 OPERATOR(pg_catalog.>) $2::float8")]:
+                fn = f"public.tb_pubop_{['div', 'mul', 'gt'][['/', '*', '>'].index(op)]}"
+                ret = "boolean" if op == ">" else ("numeric" if left == "numeric" else "double precision")
+                c.execute(f"""CREATE FUNCTION {fn}({left}, {right}) RETURNS {ret} LANGUAGE plpgsql AS $f$
+                              BEGIN PERFORM {r}.note('operator {op}'); RETURN {body}; END $f$""")
+                c.execute(f"CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {fn})")
+        admin.execute("DROP SCHEMA IF EXISTS tb_su CASCADE")
+        admin.execute("CREATE SCHEMA tb_su")
+        admin.execute("CREATE TABLE tb_su.t (id int PRIMARY KEY, img bytea, features real[])")
+        admin.execute("SELECT doppler.watch('tb_su.t', 'img', mode => 'manual')")
+        admin.execute("INSERT INTO tb_su.t VALUES (1, %s), (2, %s)", (data(A), data(B)))
+        assert admin.execute("SHOW search_path").fetchone()[0] == '"$user", public'
+        admin.execute("CALL doppler.fill('tb_su.t')")
+        wait_filled(admin, "tb_su.t", 2, waker=admin)
+    finally:
+        for fn in ["tb_pubop_div(bigint, double precision)", "tb_pubop_mul(numeric, bigint)",
+                   "tb_pubop_gt(double precision, integer)"]:
+            admin.execute(f"DROP FUNCTION IF EXISTS public.{fn} CASCADE")  # and its operator
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {r}")
+    assert_contained(admin, r, before)
+
+
+def test_partitions_of_another_owner_are_refused(cluster, admin):
+    """A partition owned by another role would have its triggers run with the parent owner's
+    rights: watch refuses such a table, and a batch refuses it when ownership changes later."""
+    r = "tb_tenant"
+    before = hostile(admin, cluster, r)
+    admin.execute("DROP SCHEMA IF EXISTS tb_pt CASCADE")
+    admin.execute("CREATE SCHEMA tb_pt")
+    admin.execute(f"GRANT USAGE ON SCHEMA tb_pt TO {r}")
+    admin.execute("CREATE TABLE tb_pt.parent (id int PRIMARY KEY, img bytea, features real[]) PARTITION BY RANGE (id)")
+    admin.execute("CREATE TABLE tb_pt.c1 PARTITION OF tb_pt.parent FOR VALUES FROM (0) TO (100)")
+    admin.execute(f"ALTER TABLE tb_pt.c1 OWNER TO {r}")
+    code, text = error_of(admin, "SELECT doppler.watch('tb_pt.parent', 'img', mode => 'manual')")
+    assert code == "42501" and "tb_pt.c1" in text and "another owner" in text, (code, text)
+    # watched while one owner held everything; the partition is given away afterwards
+    admin.execute("ALTER TABLE tb_pt.c1 OWNER TO postgres")
+    admin.execute("SELECT doppler.watch('tb_pt.parent', 'img', mode => 'manual')")
+    admin.execute(f"ALTER TABLE tb_pt.c1 OWNER TO {r}")
+    with cluster.connect(user=r) as c:
+        c.execute(f"""CREATE FUNCTION {r}.trg() RETURNS trigger LANGUAGE plpgsql AS $f$
+                      BEGIN PERFORM {r}.note('partition trigger'); RETURN NEW; END $f$""")
+        c.execute(f"CREATE TRIGGER hostile BEFORE UPDATE ON tb_pt.c1 FOR EACH ROW EXECUTE FUNCTION {r}.trg()")
+    admin.execute("INSERT INTO tb_pt.parent VALUES (1, %s)", (data(A),))
+    code, text = error_of(admin, "CALL doppler.fill('tb_pt.parent')")
+    assert code == "42501" and "another owner" in text, (code, text)
+    admin.execute("SELECT doppler.wake()")
+    wait_for(lambda: "tb_pt.c1, a partition or child table of tb_pt.parent, has another owner" in cluster.log(),
+             60, 0.5, "the worker's refusal in the log")
+    assert admin.execute("SELECT count(features) FROM tb_pt.parent").fetchone()[0] == 0
+    assert_contained(admin, r, before)
+
+
+def test_worker_is_not_stalled_by_an_owner(cluster, admin):
+    """An owner who holds its (high-priority) table locked, or whose trigger sleeps, cannot stop the
+    worker from filling other owners' tables: the worker skips a locked table and cancels a batch
+    after doppler.worker_batch_timeout. Advisory locks the owner's code takes do not stay with it."""
+    for r in ("tb_locker", "tb_sleeper", "tb_patient"):
+        fresh_role(admin, r)
+    admin.execute("ALTER SYSTEM SET doppler.worker_batch_timeout = '3s'")
+    admin.execute("SELECT pg_reload_conf()")
+    try:
+        with cluster.connect(user="tb_locker") as lk, cluster.connect(user="tb_sleeper") as sl, \
+                cluster.connect(user="tb_patient") as v:
+            lk.execute("CREATE TABLE tb_locker.t (id int PRIMARY KEY, img bytea, features real[])")
+            lk.execute("SELECT doppler.watch('tb_locker.t', 'img', priority => 100)")
+            sl.execute("CREATE TABLE tb_sleeper.t (id int PRIMARY KEY, img bytea, features real[])")
+            sl.execute("""CREATE FUNCTION tb_sleeper.slow() RETURNS trigger LANGUAGE plpgsql AS $f$
+                          BEGIN PERFORM pg_catalog.pg_advisory_lock(424242); PERFORM pg_catalog.pg_sleep(600); RETURN NEW; END $f$""")
+            sl.execute("CREATE TRIGGER slow BEFORE UPDATE ON tb_sleeper.t FOR EACH ROW EXECUTE FUNCTION tb_sleeper.slow()")
+            sl.execute("SELECT doppler.watch('tb_sleeper.t', 'img', priority => 50)")
+            sl.execute("INSERT INTO tb_sleeper.t VALUES (1, %s)", (data(A),))
+            v.execute("CREATE TABLE tb_patient.t (id int PRIMARY KEY, img bytea, features real[])")
+            v.execute("SELECT doppler.watch('tb_patient.t', 'img')")
+            with lk.transaction():
+                lk.execute("INSERT INTO tb_locker.t VALUES (1, %s)", (data(B),))
+                lk.execute("LOCK TABLE tb_locker.t IN ACCESS EXCLUSIVE MODE")
+                v.execute("INSERT INTO tb_patient.t VALUES (1, %s)", (data(C),))
+                wait_filled(v, "tb_patient.t", 1, timeout=90, waker=admin)
+            wait_for(lambda: "canceling statement due to statement timeout" in cluster.log(), 60, 0.5,
+                     "the sleeping batch cancelled")
+            assert count_filled(sl, "tb_sleeper.t") == 0
+            sl.execute("DROP TRIGGER slow ON tb_sleeper.t")
+            wait_filled(sl, "tb_sleeper.t", 1, timeout=90, waker=admin)
+            # the cancelled batches took the advisory lock; none of them may have left it held
+            worker = admin.execute("SELECT doppler._worker_pid()").fetchone()[0]
+            held = admin.execute("""SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s""",
+                                 (worker,)).fetchone()[0]
+            assert held == 0, "the worker still holds an advisory lock a table owner's trigger took"
+    finally:
+        admin.execute("ALTER SYSTEM RESET doppler.worker_batch_timeout")
+        admin.execute("SELECT pg_reload_conf()")
+
+
+def test_a_failing_count_does_not_break_status(cluster, admin):
+    """An owner's policy that raises under doppler's pinned search_path must not make doppler.status
+    fail for everyone: that table shows NULL counts (and a WARNING), the others their counts."""
+    r = "tb_stdos"
+    fresh_role(admin, r)
+    fresh_role(admin, "tb_bystander")
+    with cluster.connect(user=r) as c:
+        c.execute(f"CREATE TABLE {r}.t (id int PRIMARY KEY, img bytea, features real[])")
+        c.execute(f"INSERT INTO {r}.t VALUES (1, NULL)")
+        c.execute(f"SELECT doppler.watch('{r}.t', 'img', mode => 'manual')")
+        c.execute(f"""CREATE FUNCTION {r}.boom() RETURNS boolean LANGUAGE plpgsql AS $f$
+                      BEGIN IF pg_catalog.current_setting('search_path') OPERATOR(pg_catalog.=) 'pg_catalog, pg_temp' THEN
+                          RAISE EXCEPTION 'no status for you'; END IF; RETURN true; END $f$""")
+        c.execute(f"ALTER TABLE {r}.t ENABLE ROW LEVEL SECURITY")
+        c.execute(f"ALTER TABLE {r}.t FORCE ROW LEVEL SECURITY")
+        c.execute(f"CREATE POLICY p ON {r}.t USING ({r}.boom())")
+        c.execute(f"GRANT SELECT ON {r}.t TO PUBLIC")
+        c.execute(f"CREATE TABLE {r}.ok (id int PRIMARY KEY, img bytea, features real[])")
+        c.execute(f"INSERT INTO {r}.ok VALUES (1, NULL), (2, NULL)")
+        c.execute(f"SELECT doppler.watch('{r}.ok', 'img', mode => 'manual')")
+        c.execute(f"GRANT SELECT ON {r}.ok TO PUBLIC")
+    with cluster.connect(user="tb_bystander") as b:
+        for conn in (b, admin):
+            rows = dict(conn.execute(f"""SELECT table_name::text, total FROM doppler.status
+                                         WHERE table_name::text LIKE '{r}.%'""").fetchall())
+            assert rows == {f"{r}.t": None, f"{r}.ok": 2}, rows
+
+
+# ---------------------------------------------------------------------------------------------
 # adversarial: a hostile unrelated role against another owner's tables
 
 SECRET_DIR = f"/nonexistent/tb_vic_secret_{uuid.uuid4().hex[:12]}"
