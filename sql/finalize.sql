@@ -74,8 +74,9 @@ COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text
 CREATE FUNCTION @extschema@._clear_stale() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- the source changed: the old vector is stale; any column type takes a NULL this way
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    -- the source changed: what was derived from the old image (TG_ARGV: the vector, model tag
+    -- and hash columns) is stale; any column type takes a NULL this way
+    NEW := jsonb_populate_record(NEW, (SELECT jsonb_object_agg(a, NULL) FROM unnest(TG_ARGV) a));
     RETURN NEW;
 END $$;
 

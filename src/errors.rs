@@ -53,9 +53,9 @@ pub fn raise_code(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
 }
 
 /// Runs `f` in an internal subtransaction: an ERROR inside is rolled back (with whatever `f`
-/// changed, the current user and settings included) and returned as its message, so that one
-/// table's failure does not abort the caller's statement.
-pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// changed, the current user and settings included) and returned as its SQLSTATE and message,
+/// so that one failure does not abort the caller's statement. A cancel is not caught.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode, String)> {
     use pgrx::pg_sys;
     // SAFETY: the protocol of PL/pgSQL's exception blocks: begin, then release on success or
     // roll back on error, restoring the memory context and resource owner of the caller.
@@ -78,18 +78,25 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         Ok(r)
     })
     .catch_others(move |e| {
-        let msg = match &e {
+        let (code, msg) = match &e {
             pg_sys::panic::CaughtError::PostgresError(r)
             | pg_sys::panic::CaughtError::ErrorReport(r)
-            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                (r.sql_error_code(), r.message().to_string())
+            }
         };
+        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+            || code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
+        {
+            e.rethrow();
+        }
         unsafe {
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::CurrentResourceOwner = owner;
         }
-        Err(msg)
+        Err((code, msg))
     })
     .execute()
 }

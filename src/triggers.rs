@@ -68,7 +68,17 @@ pub fn replace(w: &Watched) {
         ddl.push(format!(
             "CREATE TRIGGER doppler_clear_stale BEFORE UPDATE OF {src} ON {table} FOR EACH ROW
              WHEN (OLD.{src} IS DISTINCT FROM NEW.{src}) EXECUTE FUNCTION doppler._clear_stale({})",
-            lit(&w.vector_column)
+            // everything derived from the old image: its vector, the model tag, its dHash
+            [
+                Some(&w.vector_column),
+                Some(&w.model_column),
+                w.hash_column.as_ref()
+            ]
+            .into_iter()
+            .flatten()
+            .map(|c| lit(c))
+            .collect::<Vec<_>>()
+            .join(", ")
         ));
     }
     if w.mode == "async" {

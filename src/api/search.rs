@@ -355,6 +355,7 @@ fn _duplicates(
         i
     }
     for i in 0..distinct.len() {
+        check_for_interrupts!(); // O(n²): cancel and statement_timeout act between rows
         for j in i + 1..distinct.len() {
             if dhash::hamming(distinct[i].0, distinct[j].0) <= max_bits.max(0) as u32 {
                 let (a, b) = (root(&mut parent, i), root(&mut parent, j));

@@ -71,7 +71,7 @@ fn _counts(
         })
         .unwrap_or_else(|e| pgrx::error!("{e}"))
     });
-    let [total, done, skipped, stale] = counted.unwrap_or_else(|msg| {
+    let [total, done, skipped, stale] = counted.unwrap_or_else(|(_, msg)| {
         warning!("doppler: could not count the rows of {}: {msg}", w.name);
         [None; 4]
     });

@@ -230,6 +230,15 @@ fn _watch(
                 ),
                 "",
             ),
+            // varchar(n): typmod n + 4; a dHash is 16 hex digits
+            Some((t, shown, m)) if t == "varchar" && m >= 4 && m - 4 < 16 => fail(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "hash column {} of table {name} is {shown}, too short for a dHash",
+                    quote_identifier(h)
+                ),
+                "A dHash is 16 hex digits: use text or varchar(16) or longer.",
+            ),
             Some((t, _, _)) if t == "text" || t == "varchar" => {}
             Some((_, shown, _)) => fail(
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,

@@ -10,7 +10,7 @@ use doppler_core::{dhash, prepare_stream, Error, ErrorKind, Source, StreamOption
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
-use crate::errors::sqlstate;
+use crate::errors::{in_subtransaction, sqlstate};
 use crate::privileged::{as_catalog, as_owner, extension_owner};
 use crate::{gucs, session};
 
@@ -391,6 +391,8 @@ pub fn run_batch(
         let mut inferred: Vec<(String, Vec<f32>)> = Vec::new(); // dedup: vectors of this batch
         session::with_model(&spec, |model, pre| {
             prepare_stream(&srcs, pre, &limits, &policy, opts, |start, images| {
+                // cancel, statement_timeout, shutdown: act between model runs
+                check_for_interrupts!();
                 // (group key, rows, input slot)
                 let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
                 for (j, image) in (start..).zip(images) {
@@ -480,10 +482,18 @@ pub fn run_batch(
         }
         errors = Vec::new();
     }
-    as_owner(w.owner, || write_rows(w, &tag, &claimed, &outcomes));
+    let mut failures: Vec<Failure> = errors.iter().map(|(i, e)| Failure::of(*i, e)).collect();
+    // write: as the owner; rows it cannot write are failures of their own, the rest is written
+    let unwritten = as_owner(w.owner, || {
+        write_isolated(w, &tag, &claimed, &outcomes, !raise)
+    });
+    for f in &unwritten {
+        outcomes[f.row] = Outcome::default();
+    }
+    failures.extend(unwritten);
     let filled = outcomes.iter().filter(|o| o.vector.is_some()).count() as i64;
     as_catalog(catalog_role, || {
-        record_failures(w, &claimed, &errors);
+        record_failures(w, &claimed, &failures);
         record_skips(w, &claimed, &skips);
         let settled: Vec<String> = claimed
             .iter()
@@ -502,7 +512,7 @@ pub fn run_batch(
     let report = BatchReport {
         claimed: claimed.len() as i64,
         filled,
-        failed: errors.len() as i64,
+        failed: failures.len() as i64,
         skipped: skips.len() as i64,
         deduped,
         seconds: t0.elapsed().as_secs_f64(),
@@ -604,13 +614,46 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Cla
     .unwrap_or_else(|e| pgrx::error!("doppler: could not claim rows of {}: {e}", w.name))
 }
 
-fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome]) {
-    if outcomes
-        .iter()
-        .all(|o| o.vector.is_none() && o.hash.is_none())
-    {
-        return;
+/// Writes the outcomes of `rows`. With `isolate`, a row that cannot be written (a CHECK, a
+/// trigger, a too-narrow hash column, a NaN into pgvector) does not take the batch down: the
+/// batch is written in one subtransaction, and when that fails, row by row, each in its own;
+/// the rows that fail are returned with their error. Without, the first error is raised (the
+/// sync trigger with on_error => raise: the writing statement fails).
+fn write_isolated(
+    w: &Watched,
+    tag: &str,
+    claimed: &[Claimed],
+    outcomes: &[Outcome],
+    isolate: bool,
+) -> Vec<Failure> {
+    let rows: Vec<usize> = (0..claimed.len())
+        .filter(|&i| outcomes[i].vector.is_some() || outcomes[i].hash.is_some())
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
     }
+    if !isolate {
+        write_rows(w, tag, claimed, outcomes, &rows);
+        return Vec::new();
+    }
+    if in_subtransaction(|| write_rows(w, tag, claimed, outcomes, &rows)).is_ok() {
+        return Vec::new();
+    }
+    rows.into_iter()
+        .filter_map(|i| {
+            in_subtransaction(|| write_rows(w, tag, claimed, outcomes, &[i]))
+                .err()
+                .map(|(code, msg)| Failure {
+                    row: i,
+                    class: "write",
+                    sqlstate: unpack_sqlstate(code as i32),
+                    message: format!("could not write the row's features into {}: {msg}", w.name),
+                })
+        })
+        .collect()
+}
+
+fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome], rows: &[usize]) {
     let vec = quote_identifier(&w.vector_column);
     let hash_set = match &w.hash_column {
         Some(h) => {
@@ -639,10 +682,8 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome])
     }
     Spi::connect_mut(|client| {
         let stmt = client.prepare_mut(&sql, &types)?;
-        for (c, o) in claimed.iter().zip(outcomes) {
-            if o.vector.is_none() && o.hash.is_none() {
-                continue;
-            }
+        for &i in rows {
+            let (c, o) = (&claimed[i], &outcomes[i]);
             let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
                 o.vector.clone().into(),
                 c.ctid.as_str().into(),
@@ -706,7 +747,26 @@ fn record_skips(w: &Watched, claimed: &[Claimed], skips: &[(usize, String)]) {
     }
 }
 
-fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) {
+/// A row that could not be filled: why, as doppler.failures records it.
+struct Failure {
+    row: usize,
+    class: &'static str,
+    sqlstate: String,
+    message: String,
+}
+
+impl Failure {
+    fn of(row: usize, e: &Error) -> Failure {
+        Failure {
+            row,
+            class: e.kind.as_str(),
+            sqlstate: unpack_sqlstate(sqlstate(e.kind) as i32),
+            message: e.message.clone(),
+        }
+    }
+}
+
+fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[Failure]) {
     if errors.is_empty() {
         return;
     }
@@ -725,9 +785,8 @@ fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) 
     let max_attempts = gucs::MAX_ATTEMPTS.get();
     let backoff = gucs::RETRY_BACKOFF.get() as f64;
     Spi::connect_mut(|client| {
-        for (i, e) in errors {
-            let c = &claimed[*i];
-            let code = sqlstate(e.kind) as i32;
+        for e in errors {
+            let c = &claimed[e.row];
             client.update(
                 sql,
                 None,
@@ -735,8 +794,8 @@ fn record_failures(w: &Watched, claimed: &[Claimed], errors: &[(usize, Error)]) 
                     w.relid.into(),
                     c.key.as_str().into(),
                     c.shown.as_str().into(),
-                    e.kind.as_str().into(),
-                    unpack_sqlstate(code).as_str().into(),
+                    e.class.into(),
+                    e.sqlstate.as_str().into(),
                     e.message.as_str().into(),
                     max_attempts.into(),
                     backoff.into(),

@@ -1,0 +1,141 @@
+"""Real schemas and faults (issue 13, in part): sync mode on pgvector columns and typed keys, a
+changed image resets what was derived from the old one, a row that cannot be written is recorded
+and the rest of its batch written, and long work can be cancelled."""
+import time
+
+import psycopg
+import pytest
+
+from conftest import fixture_paths, wait_for
+
+GOOD = [p for p in fixture_paths() if "large_" not in p]
+A, B, C = GOOD[0], GOOD[1], GOOD[2]
+
+
+def data(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def features(db, path):
+    return db.execute("SELECT doppler.extract_features(%s::bytea)", (data(path),)).fetchone()[0]
+
+
+def close(a, b, tol=1e-4):
+    scale = max(1.0, max(abs(y) for y in b))
+    return len(a) == len(b) == 2048 and max(abs(x - y) for x, y in zip(a, b)) <= tol * scale
+
+
+KEYS = {
+    "int": ("int", ["1", "2"]),
+    "enum": ("tf_key_enum", ["a", "b"]),
+    "domain": ("tf_key_domain", ["k1", "k2"]),
+    "citext": ("citext", ["Key1", "Key2"]),
+}
+
+
+@pytest.mark.parametrize("vtype", ["real[]", "vector(2048)", "halfvec(2048)"])
+@pytest.mark.parametrize("key", sorted(KEYS))
+def test_sync_mode_on_every_vector_and_key_type(db, cluster, vtype, key):
+    """The sync trigger writes through the vector column's type and compares keys in the key's type,
+    named by the catalog (schema-qualified), not by the watcher's search_path."""
+    if vtype != "real[]" and not cluster.has_pgvector():
+        pytest.skip("pgvector is not installed for this PostgreSQL")
+    if key == "citext" and not db.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'citext'").fetchone()[0]:
+        pytest.skip("citext is not installed for this PostgreSQL")
+    schema = "tf_types"
+    db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    db.execute(f"SET search_path = {schema}, public")  # the key's type is found through it here only
+    try:
+        if key == "citext":
+            db.execute("CREATE EXTENSION IF NOT EXISTS citext SCHEMA public")
+        if not db.execute("SELECT to_regtype('tf_types.tf_key_enum')").fetchone()[0]:
+            db.execute("CREATE TYPE tf_types.tf_key_enum AS ENUM ('a', 'b')")
+            db.execute("CREATE DOMAIN tf_types.tf_key_domain AS text CHECK (VALUE LIKE 'k%')")
+        ktype, keys = KEYS[key]
+        t = f"sync_{key}_{vtype.split('(')[0].replace('[]', 'arr')}"
+        db.execute(f"DROP TABLE IF EXISTS {schema}.{t}")
+        db.execute(f"CREATE TABLE {schema}.{t} (id {ktype} PRIMARY KEY, img bytea, features {vtype})")
+        db.execute(f"SELECT doppler.watch('{schema}.{t}', 'img', mode => 'sync')")
+        db.execute("RESET search_path")
+        db.execute(f"INSERT INTO {schema}.{t} VALUES (%s, %s), (%s, %s)", (keys[0], data(A), keys[1], data(B)))
+        got = dict(db.execute(f"SELECT id::text, features::real[] FROM {schema}.{t}").fetchall())
+        tol = 2e-3 if vtype.startswith("halfvec") else 1e-4
+        assert close(got[keys[0]], features(db, A), tol) and close(got[keys[1]], features(db, B), tol), key
+        # an update of the source recomputes in the statement too
+        db.execute(f"UPDATE {schema}.{t} SET img = %s WHERE id = %s", (data(C), keys[0]))
+        v = db.execute(f"SELECT features::real[] FROM {schema}.{t} WHERE id = %s", (keys[0],)).fetchone()[0]
+        assert close(v, features(db, C), tol)
+    finally:
+        db.execute("RESET search_path")
+
+
+def test_a_changed_image_resets_hash_and_dedup_copy(db):
+    """Two rows with the same picture share a vector through dedup; when row 2's picture changes,
+    it gets the new picture's hash and vector, not row 1's."""
+    db.execute("DROP TABLE IF EXISTS tf_changed")
+    db.execute("CREATE TABLE tf_changed (id int PRIMARY KEY, img bytea, d_hash text, features real[])")
+    db.execute("SELECT doppler.watch('tf_changed', 'img', hash_column => 'd_hash', dedup => true, mode => 'sync')")
+    db.execute("INSERT INTO tf_changed VALUES (1, %s), (2, %s)", (data(A), data(A)))
+    h = dict(db.execute("SELECT id, d_hash FROM tf_changed").fetchall())
+    assert h[1] == h[2] is not None
+    db.execute("UPDATE tf_changed SET img = %s WHERE id = 2", (data(B),))
+    row = db.execute("SELECT d_hash, features, features_model FROM tf_changed WHERE id = 2").fetchone()
+    assert row[0] == db.execute("SELECT doppler.dhash(%s::bytea)", (data(B),)).fetchone()[0] != h[1]
+    assert close(row[1], features(db, B)) and row[2] == "resnet50@1"
+    # async too: the update clears vector, tag and hash; the worker fills them afresh
+    db.execute("SELECT doppler.watch('tf_changed', 'img', hash_column => 'd_hash', dedup => true, mode => 'async')")
+    with db.transaction():
+        db.execute("UPDATE tf_changed SET img = %s WHERE id = 2", (data(C),))
+        assert db.execute("SELECT d_hash, features, features_model FROM tf_changed WHERE id = 2").fetchone() == (None, None, None)
+    wait_for(lambda: db.execute("SELECT d_hash IS NOT NULL AND features IS NOT NULL FROM tf_changed WHERE id = 2").fetchone()[0],
+             60, 0.2, "row 2 refilled")
+    assert close(db.execute("SELECT features FROM tf_changed WHERE id = 2").fetchone()[0], features(db, C))
+
+
+def test_a_row_that_cannot_be_written_is_recorded_and_the_rest_written(db):
+    """A CHECK constraint rejects row 2's vector: row 2 is recorded with SQLSTATE 23514, rows 1 and 3
+    are written, nothing stays pending, and the worker does not infer row 2 again on every pass."""
+    db.execute("DROP TABLE IF EXISTS tf_unwritable")
+    db.execute("""CREATE TABLE tf_unwritable (id int PRIMARY KEY, img bytea, features real[],
+                  CONSTRAINT no_vector_for_2 CHECK (id <> 2 OR features IS NULL))""")
+    db.execute("INSERT INTO tf_unwritable VALUES (1, %s), (2, %s), (3, %s)", (data(A), data(B), data(C)))
+    db.execute("SELECT doppler.watch('tf_unwritable', 'img', mode => 'manual', batch_size => 8)")
+
+    def settled():  # (retried once after doppler.retry_backoff, then given up: max_attempts = 2)
+        db.execute("CALL doppler.fill('tf_unwritable')")
+        s = db.execute("SELECT done, pending, failed FROM doppler.status WHERE table_name = 'tf_unwritable'::regclass").fetchone()
+        return s if s == (2, 0, 1) else None
+    wait_for(settled, 60, 0.3, "rows 1 and 3 written, row 2 recorded and given up")
+    f = db.execute("SELECT error_class, sqlstate, message FROM doppler.failures WHERE relid = 'tf_unwritable'::regclass").fetchall()
+    assert len(f) == 1 and f[0][0] == "write" and f[0][1] == "23514" and "no_vector_for_2" in f[0][2], f
+    assert db.execute("SELECT count(features) FROM tf_unwritable").fetchone()[0] == 2
+    # held back by its failure record: neither fill nor the worker claims it until it is retried
+    claimed = db.execute("SELECT coalesce(sum(claimed), 0) FROM doppler.batches WHERE relid = 'tf_unwritable'::regclass").fetchone()[0]
+    db.execute("CALL doppler.fill('tf_unwritable')")
+    db.execute("SELECT doppler.wake()")
+    assert db.execute("SELECT coalesce(sum(claimed), 0) FROM doppler.batches WHERE relid = 'tf_unwritable'::regclass").fetchone()[0] == claimed
+    # a hash column too short for a dHash is refused up front
+    db.execute("ALTER TABLE tf_unwritable ADD COLUMN short_hash varchar(8)")
+    with pytest.raises(psycopg.Error) as e:
+        db.execute("SELECT doppler.watch('tf_unwritable', 'img', hash_column => 'short_hash')")
+    assert e.value.sqlstate == "42804" and "too short" in str(e.value)
+
+
+def test_duplicates_can_be_cancelled(db):
+    """doppler.duplicates compares every pair of distinct hashes: statement_timeout (and a cancel)
+    must stop it between rows, not after the whole O(n²) pass."""
+    db.execute("DROP TABLE IF EXISTS tf_many_hashes")
+    db.execute("CREATE TABLE tf_many_hashes (id int PRIMARY KEY, img bytea, d_hash text, features real[])")
+    db.execute("""INSERT INTO tf_many_hashes (id, d_hash)
+                  SELECT i, substr(md5(i::text), 1, 16) FROM generate_series(1, 150000) i""")
+    db.execute("SELECT doppler.watch('tf_many_hashes', 'img', hash_column => 'd_hash', mode => 'manual')")
+    db.execute("SET statement_timeout = '1s'")
+    t0 = time.time()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            db.execute("SELECT count(*) FROM doppler.duplicates('tf_many_hashes', 2)")
+    finally:
+        db.execute("RESET statement_timeout")
+    assert time.time() - t0 < 6, f"cancelled after {time.time() - t0:.1f}s"
+    assert db.execute("SELECT 1").fetchone() == (1,)
