@@ -85,16 +85,19 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode,
                 (r.sql_error_code(), r.message().to_string())
             }
         };
-        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
-            || code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
-        {
-            e.rethrow();
-        }
+        // Always roll the subtransaction back first: an error that leaves it open would leave
+        // the transaction in a state only this function knows how to end.
         unsafe {
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::CurrentResourceOwner = owner;
+        }
+        // a cancel, statement_timeout or shutdown is the caller's, not the row's
+        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+            || code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
+        {
+            e.rethrow();
         }
         Err((code, msg))
     })

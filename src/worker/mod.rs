@@ -197,7 +197,8 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
         } else {
-            pg_sys::AbortCurrentTransaction();
+            // out of any subtransaction too (an ERROR may escape one that doppler opened)
+            pg_sys::AbortOutOfAnyTransaction();
         }
         // Session-level advisory locks outlive the transaction: a table owner's trigger must
         // not leave one held by the worker (what pg_advisory_unlock_all() does).

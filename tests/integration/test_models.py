@@ -94,7 +94,9 @@ def test_changing_the_model_reembeds_in_the_background(db):
         "SELECT attname FROM pg_attribute WHERE attrelid = 'remodel'::regclass AND attnum > 0 AND NOT attisdropped")]
     assert "features_model" in cols  # added by watch
     db.execute("CALL doppler.fill('remodel')")
-    assert model_status(db, "remodel") == {"model": "resnet50@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    # (the worker fills manual tables too: fill skips the rows it holds, and returns first)
+    want = {"model": "resnet50@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    wait_for(lambda: model_status(db, "remodel") == want, timeout=120, what="filled by fill and the worker")
     assert db.execute("SELECT count(*) FROM remodel WHERE features_model = 'resnet50@1'").fetchone()[0] == n
 
     # another model: the old vectors stay readable, counted stale, until replaced
@@ -105,7 +107,8 @@ def test_changing_the_model_reembeds_in_the_background(db):
     # search uses the table's model and skips vectors of the old one
     assert db.execute("SELECT count(*) FROM doppler.similar('remodel', %s::text)", (PHOTOS[0],)).fetchone()[0] == 0
     db.execute("CALL doppler.fill('remodel')")
-    assert model_status(db, "remodel") == {"model": "efficientnet_lite0@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    want = {"model": "efficientnet_lite0@1", "total": n, "done": n, "pending": 0, "stale": 0}
+    wait_for(lambda: model_status(db, "remodel") == want, timeout=120, what="re-embedded by fill and the worker")
     rows = db.execute("SELECT f_img, features, features_model FROM remodel ORDER BY id").fetchall()
     for path, vec, tag in rows:
         assert tag == "efficientnet_lite0@1" and len(vec) == 1280
