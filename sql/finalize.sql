@@ -236,16 +236,34 @@ END $$;
 COMMENT ON PROCEDURE @extschema@.fill(regclass, int) IS
   'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. CALL it outside a transaction block.';
 
--- Forget a dropped table. Any role that can drop a table fires this, and only the extension
--- owner may write doppler's catalog: SECURITY DEFINER, over oids from the event alone (the
--- table is gone; there is nothing of the dropper's to evaluate).
+-- Forget a dropped table, and end the watch of a table that lost a column doppler works with
+-- (its source, vector, hash, model or key column), with a WARNING instead of a failing batch on
+-- every pass. Any role that can drop a table or column fires this, and only the extension owner
+-- may write doppler's catalog: SECURITY DEFINER, over what the event reports (oids, names); the
+-- table's own code is never run.
 CREATE FUNCTION @extschema@._on_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE gone oid[];
+DECLARE
+    gone oid[];
+    w record;
 BEGIN
     SELECT pg_catalog.array_agg(d.objid) INTO gone FROM pg_catalog.pg_event_trigger_dropped_objects() d
      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
        AND d.objsubid OPERATOR(pg_catalog.=) 0;
+    FOR w IN
+        SELECT DISTINCT x.relid, d.address_names[3] AS col
+        FROM pg_catalog.pg_event_trigger_dropped_objects() d
+        JOIN @extschema@.watched x ON x.relid::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid
+        WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
+          AND d.objsubid OPERATOR(pg_catalog.>) 0
+          AND d.address_names[3]::pg_catalog.name OPERATOR(pg_catalog.=) ANY (
+                x.key_columns OPERATOR(pg_catalog.||)
+                ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column]::pg_catalog.name[])
+    LOOP
+        RAISE WARNING 'doppler no longer watches %: its column % was dropped', w.relid, pg_catalog.quote_ident(w.col)
+              USING HINT = 'Call doppler.watch() again with the columns it should use.';
+        gone := pg_catalog.array_append(gone, w.relid::pg_catalog.oid);
+    END LOOP;
     IF gone IS NULL THEN
         RETURN;
     END IF;
@@ -254,6 +272,16 @@ BEGIN
     DELETE FROM @extschema@.batches WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (gone);
 END $$;
 REVOKE ALL ON FUNCTION @extschema@._on_drop() FROM PUBLIC;
+
+-- TRUNCATE of a watched table (the doppler_truncate trigger): its failure records name rows that
+-- are gone, and would hold back new rows with the same keys. SECURITY DEFINER over TG_RELID alone:
+-- attached to any other table, it forgets that table's failure records, nothing else.
+CREATE FUNCTION @extschema@._on_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM @extschema@.failures WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) TG_RELID;
+    RETURN NULL;
+END $$;
 CREATE EVENT TRIGGER doppler_forget_dropped_tables ON sql_drop EXECUTE FUNCTION @extschema@._on_drop();
 
 -- Fetching URLs from inside the server is a privilege: superusers, and members of this role

@@ -9,7 +9,8 @@
 //! * sync: `doppler_clear_stale` too, and `doppler_sync_insert` / `doppler_sync_update` (AFTER,
 //!   per statement, with transition tables) compute the features of the statement's rows in
 //!   batches before the statement ends.
-//! * manual: none.
+//! * manual: none of those.
+//! * every mode: `doppler_truncate` (AFTER TRUNCATE) forgets the table's failure records.
 
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
@@ -22,7 +23,8 @@ use crate::api::watch::{wake_pids, worker_pids};
 use crate::privileged::{as_owner, extension_owner};
 use crate::worker::batch::{self, Via, Watched};
 
-const NAMES: [&str; 4] = [
+const NAMES: [&str; 5] = [
+    "doppler_truncate",
     "doppler_wake",
     "doppler_clear_stale",
     "doppler_sync_insert",
@@ -63,7 +65,11 @@ pub fn replace(w: &Watched) {
     let table = &w.name;
     let src = quote_identifier(&w.source_column);
     let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let mut ddl = Vec::new();
+    // every mode: TRUNCATE forgets the table's failure records
+    let mut ddl = vec![format!(
+        "CREATE TRIGGER doppler_truncate AFTER TRUNCATE ON {table}
+         FOR EACH STATEMENT EXECUTE FUNCTION doppler._on_truncate()"
+    )];
     if w.mode == "async" || w.mode == "sync" {
         ddl.push(format!(
             "CREATE TRIGGER doppler_clear_stale BEFORE UPDATE OF {src} ON {table} FOR EACH ROW

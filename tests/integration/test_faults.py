@@ -139,3 +139,51 @@ def test_duplicates_can_be_cancelled(db):
         db.execute("RESET statement_timeout")
     assert time.time() - t0 < 6, f"cancelled after {time.time() - t0:.1f}s"
     assert db.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_truncate_forgets_failure_records(db):
+    """TRUNCATE leaves no failure records behind to hold back new rows with the same keys."""
+    db.execute("DROP TABLE IF EXISTS tf_truncated")
+    db.execute("CREATE TABLE tf_truncated (id int PRIMARY KEY, img bytea, features real[])")
+    db.execute("SELECT doppler.watch('tf_truncated', 'img', mode => 'manual')")
+    db.execute("INSERT INTO tf_truncated VALUES (1, %s)", (data(A)[:100],))
+
+    def failed():
+        db.execute("CALL doppler.fill('tf_truncated')")
+        return db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'tf_truncated'::regclass").fetchone()[0] == 1
+    wait_for(failed, 60, 0.3, "row 1's failure recorded")
+    db.execute("TRUNCATE tf_truncated")
+    assert db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'tf_truncated'::regclass").fetchone()[0] == 0
+    # the same key, a good image: filled at once, not held back by the old record
+    db.execute("INSERT INTO tf_truncated VALUES (1, %s)", (data(A),))
+    db.execute("CALL doppler.fill('tf_truncated')")
+    wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM tf_truncated").fetchone()[0], 60, 0.3, "row 1 filled")
+
+
+def test_dropping_a_watched_column_ends_the_watch_with_a_warning(db, cluster):
+    """A dropped source, vector, hash or model column ends the watch (WARNING), instead of a batch
+    that fails on every pass; other columns come and go freely. Works for a plain owner too."""
+    notices = []
+    db.add_notice_handler(lambda n: notices.append(n.message_primary))
+    for col in ["features", "d_hash", "features_model", "img"]:
+        db.execute("DROP TABLE IF EXISTS tf_dropcol")
+        db.execute("CREATE TABLE tf_dropcol (id int PRIMARY KEY, img bytea, d_hash text, note text, features real[])")
+        db.execute("SELECT doppler.watch('tf_dropcol', 'img', hash_column => 'd_hash', mode => 'manual')")
+        db.execute("ALTER TABLE tf_dropcol DROP COLUMN note")  # not watched: nothing happens
+        assert db.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'tf_dropcol'::regclass").fetchone()[0] == 1
+        notices.clear()
+        db.execute(f"ALTER TABLE tf_dropcol DROP COLUMN {col} CASCADE")
+        assert db.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'tf_dropcol'::regclass").fetchone()[0] == 0, col
+        assert any("no longer watches" in n and col in n for n in notices), (col, notices)
+    db.execute("DROP ROLE IF EXISTS tf_plain")
+    db.execute("CREATE ROLE tf_plain LOGIN")
+    db.execute("DROP SCHEMA IF EXISTS tf_plain CASCADE")
+    db.execute("CREATE SCHEMA tf_plain AUTHORIZATION tf_plain")
+    with cluster.connect(user="tf_plain") as c:
+        c.execute("CREATE TABLE tf_plain.t (id int PRIMARY KEY, img bytea, features real[])")
+        c.execute("SELECT doppler.watch('tf_plain.t', 'img', mode => 'manual')")
+        c.execute("ALTER TABLE tf_plain.t DROP COLUMN features")
+        c.execute("TRUNCATE tf_plain.t")
+        assert c.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'tf_plain.t'::regclass").fetchone()[0] == 0
+    db.execute("DROP SCHEMA tf_plain CASCADE")
+    db.execute("DROP ROLE tf_plain")

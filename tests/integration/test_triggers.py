@@ -30,7 +30,7 @@ def batches(db, table, via):
 def test_async_insert_is_filled_without_fill_or_wake(db):
     db.execute("CREATE TABLE a_ins (id int PRIMARY KEY, f_img text, note text, features real[])")
     db.execute("SELECT doppler.watch('a_ins')")  # async is the default
-    assert triggers(db, "a_ins") == ["doppler_clear_stale", "doppler_wake"]
+    assert triggers(db, "a_ins") == ["doppler_clear_stale", "doppler_truncate", "doppler_wake"]
     time.sleep(1)  # the worker is asleep now (naptime 30 s)
     t0 = time.time()
     db.execute("INSERT INTO a_ins VALUES (1, %s)", (SMALL[0],))
@@ -74,7 +74,7 @@ def test_sync_copy_and_insert_select_are_filled_at_commit_in_batches(db):
     db.execute("SET doppler.intra_op_threads = 2")
     db.execute("CREATE TABLE s_rows (id int PRIMARY KEY, f_img text, features real[])")
     db.execute("SELECT doppler.watch('s_rows', mode => 'sync', batch_size => 32)")
-    assert triggers(db, "s_rows") == ["doppler_clear_stale", "doppler_sync_insert", "doppler_sync_update"]
+    assert triggers(db, "s_rows") == ["doppler_clear_stale", "doppler_sync_insert", "doppler_sync_update", "doppler_truncate"]
     paths = [SMALL[i % len(SMALL)] for i in range(200)]
     with db.transaction():
         copy_rows(db, "s_rows", list(enumerate(paths)))
@@ -124,14 +124,14 @@ def test_manual_mode_and_switching_and_unwatch(db):
     db.execute("CREATE TABLE m_rows (id int PRIMARY KEY, f_img text, features real[])")
     db.execute("SELECT doppler.watch('m_rows', mode => 'sync')")
     db.execute("SELECT doppler.watch('m_rows', mode => 'manual')")
-    assert triggers(db, "m_rows") == []
+    assert triggers(db, "m_rows") == ["doppler_truncate"]  # every mode: TRUNCATE forgets failure records
     with db.transaction():  # (the worker cannot see the row before commit)
         db.execute("INSERT INTO m_rows VALUES (1, %s)", (SMALL[0],))
         assert db.execute("SELECT features FROM m_rows").fetchone()[0] is None  # nothing in the statement
     db.execute("CALL doppler.fill('m_rows')")  # (or the worker's pass, holding the row, gets there first)
     wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM m_rows").fetchone()[0], 30, 0.2, "manual fill")
     db.execute("SELECT doppler.watch('m_rows', mode => 'async')")
-    assert triggers(db, "m_rows") == ["doppler_clear_stale", "doppler_wake"]
+    assert triggers(db, "m_rows") == ["doppler_clear_stale", "doppler_truncate", "doppler_wake"]
     db.execute("SELECT doppler.unwatch('m_rows')")
     assert triggers(db, "m_rows") == []
     with pytest.raises(psycopg.Error) as e:
