@@ -197,8 +197,16 @@ def print_duplicates(conn: Any, names: dict[str, str]) -> None:
             print(f"      {names.get(key, key)}")
 
 
+# A copy passes when its original (or its sibling copy) is the nearest picture, and clearly so: at
+# most this fraction of the distance to the nearest other picture. (With dedup a copy may share its
+# original's vector, distance 0; a model that gave every picture the same vector would put every
+# picture at 0, and must fail.)
+MARGIN = 0.75
+
+
 def check_copies(conn: Any, copies: dict[Path, Path], ids: dict[Path, str]) -> tuple[int, int]:
-    """Each copy's nearest picture other than itself must be its original (or its sibling copy)."""
+    """Each copy's nearest picture other than itself must be its original (or its sibling copy),
+    nearer than MARGIN times the nearest other picture."""
     passed = 0
     for copy, original in copies.items():
         same = {ids.get(original)} | {ids.get(c) for c, o in copies.items() if o == original and c != copy}
@@ -208,11 +216,14 @@ def check_copies(conn: Any, copies: dict[Path, Path], ids: dict[Path, str]) -> t
             hits, error = [], str(e).splitlines()[0]
         else:
             error = "no other rows" if not hits else ""
-        ok = bool(hits) and hits[0][0] in same
+        other = next(((Path(s).name, d) for key, s, d in hits if key not in same), None)
+        ok = (bool(hits) and hits[0][0] in same and other is not None and other[1] > 0
+              and hits[0][2] <= MARGIN * other[1])
         passed += ok
         found = f"{Path(hits[0][1]).name} at {hits[0][2]:.4f}" if hits else error
-        margin = next((f"; nearest other picture {Path(s).name} at {d:.4f}"
-                       for key, s, d in hits if key not in same), "")
+        margin = (f"; nearest other picture {other[0]} at {other[1]:.4f} (ratio {hits[0][2] / other[1]:.2f},"
+                  f" at most {MARGIN})" if other and other[1] > 0 else
+                  "; no other picture at a distance > 0" if hits else "")
         print(f"  {'PASS' if ok else 'FAIL'}  {copy.name:<40} -> {found}{margin}")
     return passed, len(copies)
 
@@ -377,9 +388,12 @@ def main(argv: Sequence[str] | None = None, connect: Callable[..., Any] = psycop
                     print(f"  failed: row {key} {source}: {error_class}: {message}")
             if status is None:
                 return 1
-            total, done = status[0], status[1]
+            total, done, failed = status[0], status[1], status[3]
             print(f"  {done} of {total} rows filled in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s)")
             hits, ok = search_and_check(conn, query, copies, ids)
+            if failed:
+                print(f"  FAIL: {failed} rows could not be filled (above)")
+                ok = False
 
             header("7. Pictures")
             rows = sql(conn, "SELECT id, f_img, features::real[] FROM image_lookup WHERE features IS NOT NULL "

@@ -18,6 +18,7 @@ from typing import Any
 
 import imagehash
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,9 +46,14 @@ class Result:
 class FakeConn:
     """Answers exactly the statements demo.py sends; anything else is an error."""
 
-    def __init__(self, per_poll: int = 5, wrong_neighbour: bool = False, **_: Any) -> None:
+    def __init__(self, per_poll: int = 5, wrong_neighbour: bool = False, constant: bool = False,
+                 failed_rows: int = 0, **_: Any) -> None:
         self.rows: dict[int, dict[str, Any]] = {}
         self.per_poll, self.wrong, self.log = per_poll, wrong_neighbour, []
+        self.constant, self.failed_rows = constant, failed_rows
+
+    def features(self, path: str) -> np.ndarray:
+        return np.ones(192) if self.constant else features(path)
 
     def __enter__(self) -> FakeConn:
         return self
@@ -70,17 +76,18 @@ class FakeConn:
         if "FROM doppler.status" in sql:
             todo = [r for r in self.rows.values() if r["features"] is None][: self.per_poll]
             for r in todo:
-                r["features"] = features(r["f_img"])
+                r["features"] = self.features(r["f_img"])
                 with Image.open(r["f_img"]) as img:
                     r["d_hash"] = str(imagehash.dhash(img))
             done = sum(r["features"] is not None for r in self.rows.values())
-            return Result([(len(self.rows), done, len(self.rows) - done, 0, 0, 12.5 if done else None)])
+            failed = self.failed_rows if done == len(self.rows) else 0
+            return Result([(len(self.rows), done - failed, len(self.rows) - done, failed, 0, 12.5 if done else None)])
         if "FROM doppler.failures" in sql:
-            return Result([])
+            return Result([("1", "x.jpg", "corrupt", "bad JPEG")] if self.failed_rows else [])
         if sql == "SELECT id::text, f_img FROM image_lookup":
             return Result([(str(i), r["f_img"]) for i, r in self.rows.items()])
         if m := re.search(r"doppler\.similar\('image_lookup', %s, k => (\d+)\)", sql):
-            q = features(params[0])
+            q = self.features(params[0])
             hits = sorted((float(np.linalg.norm(r["features"] - q)), str(i), r["f_img"])
                           for i, r in self.rows.items() if r["features"] is not None)
             if self.wrong:
@@ -173,10 +180,16 @@ def test_fail_and_timeout_and_usage(tmp_path: Path) -> None:
     assert run(tmp_path / "b", tmp_path / "b" / "out", "--timeout", "0.5", per_poll=0)[0] == 1
     rc, conn = run(tmp_path / "c", tmp_path / "c" / "out", "--limit", "3")
     assert rc == 0 and len(conn.rows) == 3 * 3
-    try:
+    with pytest.raises(SystemExit) as e:
         demo.main(["--host", "/sock", "--work", "w", "--out", "o", "--limit", "0"])
-    except SystemExit as e:
-        assert e.code == 2
+    assert e.value.code == 2
+
+
+def test_a_constant_model_or_a_failed_row_fails(tmp_path: Path) -> None:
+    """Every picture at the same distance (a model that ignores its input): no copy is clearly
+    nearest its original. A row doppler could not fill fails the demo too."""
+    assert run(tmp_path / "a", tmp_path / "a" / "out", constant=True)[0] == 1
+    assert run(tmp_path / "b", tmp_path / "b" / "out", failed_rows=1)[0] == 1
 
 
 def test_rerun_and_name_clashes(tmp_path: Path) -> None:

@@ -71,14 +71,10 @@ COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text
   'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
 
 -- Trigger functions (installed by watch; see src/triggers.rs).
+-- BEFORE UPDATE OF the source, per row, when it changed: the vector, model tag and hash of the
+-- old image become NULL (C, src/triggers.rs; the columns come from doppler.watched).
 CREATE FUNCTION @extschema@._clear_stale() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    -- the source changed: what was derived from the old image (TG_ARGV: the vector, model tag
-    -- and hash columns) is stale; any column type takes a NULL this way
-    NEW := jsonb_populate_record(NEW, (SELECT jsonb_object_agg(a, NULL) FROM unnest(TG_ARGV) a));
-    RETURN NEW;
-END $$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'doppler_clear_stale';
 
 CREATE FUNCTION @extschema@._wake_trigger() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -283,6 +279,18 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE EVENT TRIGGER doppler_forget_dropped_tables ON sql_drop EXECUTE FUNCTION @extschema@._on_drop();
+
+-- Follow RENAME COLUMN. doppler.watched names its columns (names survive pg_dump and restore,
+-- attribute numbers do not), so a rename of a column a watch uses (ALTER TABLE ... RENAME COLUMN,
+-- also on a parent or inheritance parent; ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE of a typed
+-- table's type) is written into the watch, in the renaming transaction. C (src/triggers.rs): the
+-- old and new names come from the statement's parse tree, the table from the event (its oid);
+-- doppler's catalog is written as the extension owner.
+CREATE FUNCTION @extschema@._on_rename() RETURNS event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'doppler_on_rename';
+REVOKE ALL ON FUNCTION @extschema@._on_rename() FROM PUBLIC;
+CREATE EVENT TRIGGER doppler_follow_renames ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE')
+    EXECUTE FUNCTION @extschema@._on_rename();
 
 -- Fetching URLs from inside the server is a privilege: superusers, and members of this role
 -- (when doppler.allow_urls is on). Roles are cluster-wide: created once, kept by DROP EXTENSION.

@@ -36,6 +36,17 @@ pub fn extension_owner() -> pg_sys::Oid {
     .unwrap_or_else(|| pgrx::error!("extension doppler is not installed"))
 }
 
+/// The version of doppler's SQL objects in this database (`ALTER EXTENSION doppler UPDATE`
+/// brings it to the library's, `env!("CARGO_PKG_VERSION")`).
+pub fn extension_version() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT e.extversion FROM pg_catalog.pg_extension e
+         WHERE e.extname OPERATOR(pg_catalog.=) 'doppler'::pg_catalog.name",
+    )
+    .ok()
+    .flatten()
+}
+
 /// Runs `f` as `owner`, the owner of the user table `f` touches: a security-restricted
 /// operation with a pinned search_path; settings changed inside are reverted.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {

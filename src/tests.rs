@@ -186,10 +186,19 @@ mod tests {
     fn cuda_falls_back_to_the_cpu() {
         let path = format!("{}/landscape_640x480.jpg", fixtures());
         let cpu = features(&path);
+        let created = || {
+            Spi::get_one::<i64>("SELECT sessions_created FROM doppler.session_info() LIMIT 1")
+                .unwrap()
+                .unwrap()
+        };
+        let before = created();
         Spi::run("SET doppler.execution_provider = 'cuda'").unwrap();
         assert_eq!(features(&path), cpu);
+        // a session of its own was built for the setting (the WARNING is checked in
+        // tests/integration/test_models.py), and it runs on the CPU
+        assert_eq!(created(), before + 1);
         assert_eq!(
-            Spi::get_one::<String>("SELECT execution_provider FROM doppler.session_info()")
+            Spi::get_one::<String>("SELECT execution_provider FROM doppler.session_info() LIMIT 1")
                 .unwrap()
                 .as_deref(),
             Some("CPU")

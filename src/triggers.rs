@@ -1,6 +1,11 @@
 //! The triggers `doppler.watch(..., mode => ...)` installs on a watched table, and the Rust side
-//! of their functions (`_clear_stale` and `_wake_trigger` are PL/pgSQL in sql/finalize.sql; the
-//! sync trigger is the C function [`doppler_sync_trigger`]).
+//! of their functions (`_wake_trigger` and `_on_truncate` are PL/pgSQL in sql/finalize.sql; the
+//! sync trigger and the stale-clearing trigger are the C functions [`doppler_sync_trigger`] and
+//! [`doppler_clear_stale`]).
+//!
+//! No trigger carries column names: they read them from `doppler.watched` when they fire, which
+//! the `doppler_follow_renames` event trigger keeps current (`UPDATE OF` and `WHEN` are stored by
+//! attribute number and follow a rename by themselves).
 //!
 //! * async: `doppler_wake` (AFTER INSERT OR UPDATE, per statement) wakes the worker when the
 //!   transaction commits, and `doppler_clear_stale` (BEFORE UPDATE OF the source, per row, when
@@ -20,7 +25,7 @@ use pgrx::spi::quote_identifier;
 use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
 use crate::api::watch::{wake_pids, worker_pids};
-use crate::privileged::{as_owner, extension_owner};
+use crate::privileged::{as_catalog, as_owner, extension_owner};
 use crate::worker::batch::{self, Via, Watched};
 
 const NAMES: [&str; 5] = [
@@ -64,7 +69,6 @@ pub fn replace(w: &Watched) {
     drop_all(&w.name);
     let table = &w.name;
     let src = quote_identifier(&w.source_column);
-    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
     // every mode: TRUNCATE forgets the table's failure records
     let mut ddl = vec![format!(
         "CREATE TRIGGER doppler_truncate AFTER TRUNCATE ON {table}
@@ -74,17 +78,7 @@ pub fn replace(w: &Watched) {
         ddl.push(format!(
             "CREATE TRIGGER doppler_clear_stale BEFORE UPDATE OF {src} ON {table} FOR EACH ROW
              WHEN (OLD.{src} IS DISTINCT FROM NEW.{src}) EXECUTE FUNCTION doppler._clear_stale({})",
-            // everything derived from the old image: its vector, the model tag, its dHash
-            [
-                Some(&w.vector_column),
-                Some(&w.model_column),
-                w.hash_column.as_ref()
-            ]
-            .into_iter()
-            .flatten()
-            .map(|c| lit(c))
-            .collect::<Vec<_>>()
-            .join(", ")
+            compat_args(w)
         ));
     }
     if w.mode == "async" {
@@ -107,6 +101,26 @@ pub fn replace(w: &Watched) {
         Spi::run(&sql)
             .unwrap_or_else(|e| pgrx::error!("could not create doppler's trigger on {table}: {e}"));
     }
+}
+
+/// The arguments of the stale-clearing trigger: none, since 0.2.0's function reads its columns
+/// from doppler.watched. In a database whose SQL objects are still 0.1.0 (binaries upgraded,
+/// `ALTER EXTENSION doppler UPDATE` not run yet), 0.1.0's PL/pgSQL function is the one that runs,
+/// and it takes the columns as arguments.
+fn compat_args(w: &Watched) -> String {
+    if crate::privileged::extension_version().as_deref() != Some("0.1.0") {
+        return String::new();
+    }
+    [
+        Some(&w.vector_column),
+        Some(&w.model_column),
+        w.hash_column.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|c| format!("'{}'", c.replace('\'', "''")))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 thread_local! {
@@ -138,6 +152,187 @@ fn _wake_at_commit() {
     });
 }
 
+/// The trigger data of a C trigger function's call; an ERROR when not called as a trigger.
+///
+/// # Safety
+/// `fcinfo` must be the function manager's call info.
+unsafe fn trigger_data(fcinfo: pg_sys::FunctionCallInfo, what: &str) -> *mut pg_sys::TriggerData {
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("{what} was not called by a trigger manager")
+            );
+        }
+        ctx as *mut pg_sys::TriggerData
+    }
+}
+
+/// The stale-clearing trigger (`doppler._clear_stale()`, BEFORE UPDATE OF the source FOR EACH
+/// ROW, WHEN the source changed): everything derived from the old image (the vector, its model
+/// tag, its dHash) becomes NULL in the new row, so that the worker (or the sync trigger) computes
+/// it again. The columns come from `doppler.watched` (read as the extension owner: whoever
+/// updates the row may not see the watch), so a renamed column is still cleared. C, not
+/// PL/pgSQL: setting a column NULL in the tuple runs none of the table's types' code.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn doppler_clear_stale(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the function manager; the TriggerData is checked first, and the new
+    // tuple of a BEFORE ROW UPDATE trigger is a valid heap tuple of the relation's descriptor.
+    unsafe {
+        let tg = trigger_data(fcinfo, "doppler._clear_stale()");
+        let event = (*tg).tg_event;
+        let wanted = pg_sys::TRIGGER_EVENT_BEFORE | pg_sys::TRIGGER_EVENT_ROW;
+        if event & wanted != wanted
+            || event & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_UPDATE
+        {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._clear_stale() must be fired BEFORE UPDATE FOR EACH ROW"
+            );
+        }
+        let rel = (*tg).tg_relation;
+        let new = (*tg).tg_newtuple;
+        let columns = derived_columns((*rel).rd_id);
+        let desc = (*rel).rd_att;
+        let mut attnums: Vec<std::ffi::c_int> = columns
+            .iter()
+            .filter_map(|c| std::ffi::CString::new(c.as_str()).ok())
+            .map(|c| pg_sys::SPI_fnumber(desc, c.as_ptr()))
+            .filter(|&n| n > 0)
+            .collect();
+        if attnums.is_empty() {
+            return pg_sys::Datum::from(new);
+        }
+        let mut values = vec![pg_sys::Datum::from(0usize); attnums.len()];
+        let mut nulls = vec![true; attnums.len()];
+        let cleared = pg_sys::heap_modify_tuple_by_cols(
+            new,
+            desc,
+            attnums.len() as std::ffi::c_int,
+            attnums.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        pg_sys::Datum::from(cleared)
+    }
+}
+
+/// `pg_finfo_` record: version-1 calling convention for [`doppler_clear_stale`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_doppler_clear_stale() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The columns of a watched table that are derived from its image: vector, model tag, hash. For
+/// a partition (the trigger is cloned onto each), those of its nearest watched ancestor.
+fn derived_columns(relid: pg_sys::Oid) -> Vec<String> {
+    as_catalog(extension_owner(), || {
+        Spi::get_one_with_args::<Vec<Option<String>>>(
+            "SELECT ARRAY[w.vector_column, w.model_column, w.hash_column]::pg_catalog.text[]
+             FROM (SELECT $1::pg_catalog.oid AS relid, 0::pg_catalog.int8 AS depth
+                   UNION ALL
+                   SELECT a.relid::pg_catalog.oid, a.depth
+                   FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid::pg_catalog.regclass)
+                        WITH ORDINALITY a(relid, depth)) up
+             JOIN doppler.watched w ON w.relid::pg_catalog.oid OPERATOR(pg_catalog.=) up.relid
+             ORDER BY up.depth LIMIT 1",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .map(|v| v.into_iter().flatten().collect())
+    .unwrap_or_default()
+}
+
+/// The rename-following event trigger (`doppler._on_rename()`, ddl_command_end of `ALTER TABLE`
+/// and `ALTER TYPE`): a `RENAME COLUMN` (or `RENAME ATTRIBUTE ... CASCADE` of a typed table's
+/// type) of a column a watch uses is written into `doppler.watched`, for the renamed table and
+/// its partitions, inheritors and typed tables, in the renaming transaction. The old and new names
+/// come from the statement's parse tree, the table from the event's collected command (its oid):
+/// nothing is guessed. Every role's ALTER fires it; it writes doppler's catalog as the extension
+/// owner, over oids and names only.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn doppler_on_rename(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let none = pg_sys::Datum::from(0usize);
+    // SAFETY: called by the function manager; the context is checked to be an
+    // EventTriggerData, and its parse tree to be a RenameStmt, before either is read.
+    let (old, new) = unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._on_rename() was not called by the event trigger manager"
+            );
+        }
+        let tree = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
+        if tree.is_null() || (*tree).type_ != pg_sys::NodeTag::T_RenameStmt {
+            return none;
+        }
+        let stmt = tree as *mut pg_sys::RenameStmt;
+        let kind = (*stmt).renameType;
+        if kind != pg_sys::ObjectType::OBJECT_COLUMN && kind != pg_sys::ObjectType::OBJECT_ATTRIBUTE
+            || (*stmt).subname.is_null()
+            || (*stmt).newname.is_null()
+        {
+            return none;
+        }
+        let name =
+            |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        (name((*stmt).subname), name((*stmt).newname))
+    };
+    as_catalog(extension_owner(), || {
+        Spi::run_with_args(
+            "WITH RECURSIVE args AS (SELECT $1::pg_catalog.name AS old, $2::pg_catalog.name AS new),
+             renamed AS (
+                 SELECT DISTINCT c.objid AS relid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                 WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
+                   AND c.objsubid OPERATOR(pg_catalog.>) 0),
+             tree(relid) AS (
+                 SELECT s.relid FROM (
+                     SELECT r.relid FROM renamed r
+                     UNION  -- the typed tables of a renamed composite type (ALTER TYPE ... CASCADE)
+                     SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_class t
+                          ON c.reloftype OPERATOR(pg_catalog.=) t.reltype
+                     JOIN renamed r ON t.oid OPERATOR(pg_catalog.=) r.relid
+                     WHERE t.relkind OPERATOR(pg_catalog.=) 'c') s
+                 UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent OPERATOR(pg_catalog.=) tree.relid)
+             UPDATE doppler.watched x SET
+                 source_column = CASE WHEN x.source_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.source_column END,
+                 vector_column = CASE WHEN x.vector_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.vector_column END,
+                 hash_column = CASE WHEN x.hash_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.hash_column END,
+                 model_column = CASE WHEN x.model_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.model_column END,
+                 key_columns = pg_catalog.array_replace(x.key_columns, a.old, a.new)
+             FROM args a
+             WHERE x.relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT tree.relid FROM tree))
+               AND a.old OPERATOR(pg_catalog.=) ANY (x.key_columns OPERATOR(pg_catalog.||)
+                     ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column])",
+            &[old.as_str().into(), new.as_str().into()],
+        )
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not follow the rename of column \"{old}\": {e}"));
+    none
+}
+
+/// `pg_finfo_` record: version-1 calling convention for [`doppler_on_rename`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_doppler_on_rename() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
 /// The sync trigger (`doppler._sync_trigger()`, AFTER INSERT / UPDATE FOR EACH STATEMENT with
 /// the transition table `new_rows`): a C trigger function, so that no SQL-callable entry point
 /// fills another owner's rows. Reads the keys of the statement's rows that need features as
@@ -149,17 +344,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
 ) -> pg_sys::Datum {
     // SAFETY: the function manager calls this with a valid fcinfo; `context` is a TriggerData
     // when called as a trigger, which is checked first.
-    let tg = unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            pgrx::ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "doppler._sync_trigger() was not called by a trigger manager"
-            );
-        }
-        ctx as *mut pg_sys::TriggerData
-    };
+    let tg = unsafe { trigger_data(fcinfo, "doppler._sync_trigger()") };
     let (relid, has_rows) = unsafe { ((*(*tg).tg_relation).rd_id, !(*tg).tg_newtable.is_null()) };
     if !has_rows {
         return pg_sys::Datum::from(0usize);

@@ -2,6 +2,12 @@
 //! server start (doppler in `shared_preload_libraries`) and restarted by the postmaster if it
 //! dies. It waits for the extension to exist in its database, then fills watched tables batch by
 //! batch, one transaction per batch, sleeping on its latch when there is nothing to do.
+//!
+//! A database that does not exist (yet): connecting to it is a FATAL, and the postmaster would
+//! start the worker again every 5 s, each time with a FATAL in the log. Instead the failed start
+//! is remembered in shared memory ([`MISSING`]), and the next start connects to no database
+//! (shared catalogs only), says so once in the log and looks the database up every
+//! [`MISSING_RECHECK`] (a catalog read, no connection attempt) until it can connect.
 
 pub mod batch;
 
@@ -14,6 +20,8 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
+use std::sync::atomic::AtomicU64;
 
 use crate::gucs;
 use batch::Via;
@@ -21,17 +29,28 @@ use batch::Via;
 /// The `backend_type` of doppler workers in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "doppler worker";
 
+/// Workers whose last start could not connect to their database: bit `i` stands for the `i`-th
+/// entry of `doppler.worker_databases`. In shared memory, because the postmaster starts a
+/// worker again as a new process (and a crash-restart clears it, which only costs one FATAL).
+static MISSING: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"doppler_missing_databases") };
+
+/// How often a worker whose database is missing looks it up again.
+pub const MISSING_RECHECK: Duration = Duration::from_secs(5);
+
 /// Registers one worker per configured database. Only during shared_preload_libraries.
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
-    for db in gucs::worker_databases() {
+    pg_shmem_init!(MISSING);
+    // (workers past the 64th are not remembered: a missing database costs them a FATAL per start)
+    for (slot, db) in gucs::worker_databases().iter().enumerate() {
         BackgroundWorkerBuilder::new(&format!("doppler worker for database {db}"))
             .set_type(BACKEND_TYPE)
             .set_library("doppler")
             .set_function("doppler_worker_main")
-            .set_extra(&db)
+            .set_argument(Some(pg_sys::Datum::from(slot)))
+            .set_extra(db)
             .enable_spi_access()
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
             .set_restart_time(Some(Duration::from_secs(5)))
@@ -42,10 +61,18 @@ pub fn register() {
 /// The worker's entry point.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn doppler_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = BackgroundWorker::get_extra().to_string();
+    let bit = 1u64.checked_shl(arg.value() as u32).unwrap_or(0);
+    if MISSING.get().load(Ordering::SeqCst) & bit != 0 {
+        wait_for_database(&db, bit);
+    }
+    // Connecting to a database that does not exist (or takes no connections) is a FATAL that
+    // ends this process: the bit stays set, and the next start waits instead of failing again.
+    MISSING.get().fetch_or(bit, Ordering::SeqCst);
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    MISSING.get().fetch_and(!bit, Ordering::SeqCst);
     // A superuser connection: no database or role default, nor anything in `public`, may reach
     // its statements.
     crate::privileged::pin_session_search_path();
@@ -64,6 +91,10 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            log!(
+                "doppler worker in database \"{db}\" reloaded its settings (naptime {} ms)",
+                gucs::WORKER_NAPTIME.get()
+            );
         }
         busy = one_pass(&mut totals);
         if last_prune.elapsed() > Duration::from_secs(600) {
@@ -80,16 +111,77 @@ pub extern "C-unwind" fn doppler_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// The last start could not connect to `db`: connect to no database (shared catalogs only), say
+/// so once, and look `db` up every [`MISSING_RECHECK`] until it exists and takes connections;
+/// then end, to be started again (in 5 s) by the postmaster, and connect.
+fn wait_for_database(db: &str, bit: u64) -> ! {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    log!(
+        "doppler worker: database \"{db}\" (doppler.worker_databases) does not exist or does not accept connections; looking for it every {} s",
+        MISSING_RECHECK.as_secs()
+    );
+    report(&format!("doppler: waiting for database {db}"));
+    // There already (the connection failed for another reason, e.g. a role or connection limit):
+    // try again much later, not every 5 s.
+    let mut wait = MISSING_RECHECK;
+    if database_ready(db) {
+        wait = Duration::from_secs(60);
+        log!("doppler worker: database \"{db}\" exists, but the worker could not connect to it; trying again in 60 s");
+        if !BackgroundWorker::wait_latch(Some(wait)) || stopping() {
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    }
+    loop {
+        if database_ready(db) {
+            MISSING.get().fetch_and(!bit, Ordering::SeqCst);
+            log!("doppler worker: database \"{db}\" is there now, connecting");
+            break;
+        }
+        if !BackgroundWorker::wait_latch(Some(wait)) || stopping() {
+            break;
+        }
+    }
+    unsafe { pg_sys::proc_exit(1) };
+    unreachable!("proc_exit returned")
+}
+
+/// Whether database `db` exists and accepts connections (pg_database, a shared catalog).
+fn database_ready(db: &str) -> bool {
+    let Ok(name) = CString::new(db) else {
+        return false;
+    };
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        let oid = pg_sys::get_database_oid(name.as_ptr(), true);
+        let mut ready = false;
+        if oid != pg_sys::InvalidOid {
+            let tup = pg_sys::SearchSysCache1(
+                pg_sys::SysCacheIdentifier::DATABASEOID as _,
+                pg_sys::Datum::from(oid),
+            );
+            if !tup.is_null() {
+                let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
+                // datconnlimit -2: left invalid by an interrupted DROP DATABASE (PG 15.4+)
+                ready = (*form).datallowconn && (*form).datconnlimit != -2;
+                pg_sys::ReleaseSysCache(tup);
+            }
+        }
+        pg_sys::CommitTransactionCommand();
+        ready
+    }
+}
+
 /// One batch of every watched table (highest priority first). True when any row was claimed.
 fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
     let tables = in_transaction("reading doppler.watched", || {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'doppler')",
+        let version = Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'doppler'",
         )
         .ok()
-        .flatten()
-        .unwrap_or(false);
-        installed.then(|| batch::load_watched(None))
+        .flatten()?;
+        check_version(&version);
+        Some(batch::load_watched(None))
     })
     .flatten();
     let Some(tables) = tables else {
@@ -130,6 +222,19 @@ fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
     }
     report("doppler: idle");
     claimed
+}
+
+/// Says once (per worker process) when the database's doppler SQL objects are of another
+/// version than this library: the binaries were upgraded and `ALTER EXTENSION doppler UPDATE`
+/// has not run yet. The worker goes on (the update scripts keep the tables' shape).
+fn check_version(sql_version: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let library = env!("CARGO_PKG_VERSION");
+    if sql_version != library && !WARNED.swap(true, Ordering::SeqCst) {
+        warning!(
+            "doppler's SQL objects in this database are version {sql_version}, its library is {library}: run ALTER EXTENSION doppler UPDATE"
+        );
+    }
 }
 
 // utils/timeout.h (not in pgrx's bindings): STATEMENT_TIMEOUT is 3 in PostgreSQL 15 to 18.

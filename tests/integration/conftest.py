@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import psycopg
+import psycopg.sql
 import pytest
 
 DEPS = os.environ.get("DOPPLER_DEPS", "/opt/doppler")
@@ -22,6 +23,10 @@ PG = os.environ.get("DOPPLER_IT_PG", "pg18")
 BINDIR = {
     "pg15": "/usr/lib/postgresql/15/bin",
     "pg18": os.environ.get("DOPPLER_PG18", f"{DEPS}/pgserver/pgserver/pginstall") + "/bin",
+}[PG]
+PG_CONFIG = {
+    "pg15": "/usr/bin/pg_config",
+    "pg18": os.environ.get("DOPPLER_PG18", f"{DEPS}/pgserver/pgserver/pginstall") + "/bin/pg_config",
 }[PG]
 DB = "doppler_it"
 AS_ROOT = os.geteuid() == 0
@@ -35,7 +40,11 @@ def as_pg(cmd, **kw):
 
 
 class Cluster:
-    def __init__(self, worker_db=DB, extra_conf=""):
+    def __init__(self, worker_db=DB, extra_conf="", version=None, name="last"):
+        """A cluster whose workers serve `worker_db` (a comma-separated list), with database DB and
+        doppler in it (`version`: CREATE EXTENSION ... VERSION, default the newest)."""
+        self.name = name
+        self.started = time.time()
         self.dir = tempfile.mkdtemp(prefix=f"doppler-it-{PG}-")
         os.chmod(self.dir, 0o755)
         if AS_ROOT:
@@ -65,7 +74,10 @@ log_min_messages = info
         with self.connect("postgres") as c:
             c.execute(f"CREATE DATABASE {DB}")
         with self.connect() as c:
-            c.execute("CREATE EXTENSION doppler")
+            if version:
+                c.execute("CREATE EXTENSION doppler VERSION %s" % psycopg.sql.quote(version))
+            else:
+                c.execute("CREATE EXTENSION doppler")
             if self.has_pgvector():
                 c.execute("CREATE EXTENSION vector")
 
@@ -93,7 +105,7 @@ log_min_messages = info
             return f.read()
 
     def destroy(self):
-        shutil.copy(os.path.join(self.dir, "server.log"), f"/tmp/doppler-it-{PG}-last.log")
+        shutil.copy(os.path.join(self.dir, "server.log"), f"/tmp/doppler-it-{PG}-{self.name}.log")
         try:
             self.stop("immediate")
         except subprocess.CalledProcessError:
@@ -101,11 +113,45 @@ log_min_messages = info
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# Skips are expected only where listed (tests/integration/expected_skips.txt, per PostgreSQL
+# major): a test that skips elsewhere (pgvector gone from a build, a helper missing) fails the run.
+SKIPPED = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import re
+    with open(os.path.join(os.path.dirname(__file__), "expected_skips.txt")) as f:
+        allowed = [re.compile(".*".join(map(re.escape, line.split()[1].split("*"))))  # only * is special
+                   for line in f if line.strip() and not line.startswith("#") and line.split()[0] in (PG, "all")]
+    unexpected = [n for n in SKIPPED if not any(a.fullmatch(n.split("/")[-1]) for a in allowed)]
+    if unexpected:
+        print(f"\n{len(unexpected)} tests skipped that tests/integration/expected_skips.txt does not expect on {PG}:")
+        for n in unexpected:
+            print(f"  {n}")
+        session.exitstatus = 1
+
+
 @pytest.fixture(scope="session")
 def cluster():
     c = Cluster()
     yield c
     c.destroy()
+
+
+@pytest.fixture(scope="session")
+def noworker(cluster):
+    """Connections to a database with doppler that no background worker serves: what fill and
+    sync do there, nothing else does."""
+    with cluster.connect("postgres") as c:
+        c.execute("CREATE DATABASE doppler_noworker")
+    with cluster.connect("doppler_noworker") as c:
+        c.execute("CREATE EXTENSION doppler")
+    return lambda: cluster.connect("doppler_noworker")
 
 
 @pytest.fixture
@@ -135,3 +181,57 @@ def status(conn, table):
         (table,),
     ).fetchone()
     return dict(zip(["total", "done", "pending", "failed", "retrying", "skipped", "worker_pid"], row))
+
+
+def worker(conn):
+    """This database's doppler worker in pg_stat_activity: (pid, state_change, query, wait_event), or None."""
+    return conn.execute(
+        "SELECT pid, state_change, query, wait_event FROM pg_stat_activity"
+        " WHERE backend_type = 'doppler worker' AND datname = current_database()").fetchone()
+
+
+def worker_asleep(conn, timeout=60):
+    """Waits until the worker sleeps on its latch after a pass (it reports 'doppler: idle' at the
+    end of each pass, and every report moves state_change); returns its state_change then."""
+    def asleep():
+        w = worker(conn)
+        return w and w[2] == "doppler: idle" and w[3] == "Extension" and w[1]
+    return wait_for(asleep, timeout, 0.05, "the worker asleep")
+
+
+def worker_fresh_nap(conn):
+    """Wakes the worker and waits until it sleeps again: its next nap (doppler.worker_naptime,
+    30 s here) has just begun. Returns its state_change."""
+    before = wait_for(lambda: worker(conn), 60, 0.05, "the worker")[1]
+    conn.execute("SELECT doppler.wake()")
+    return wait_for(lambda: (lambda t: t if t != before else None)(worker_asleep(conn)), 60, 0.05, "a fresh nap")
+
+
+def stays(predicate, seconds, what):
+    """A negative check: `predicate` holds for the whole window (polled every 50 ms). Only for
+    events that would show within milliseconds (a woken worker reports at once)."""
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        assert predicate(), f"{what} changed within {seconds}s"
+        time.sleep(0.05)
+
+
+def set_system(conn, cluster=None, **settings):
+    """ALTER SYSTEM SET each doppler.<name> = value (None: RESET), reload, and wait until this
+    connection runs with them (a backend reloads at its next statement after the signal), and,
+    given the cluster, until the worker has reloaded too (its log line)."""
+    reloads = cluster.log().count("reloaded its settings") if cluster else 0
+    for k, v in settings.items():
+        if v is None:
+            conn.execute(f"ALTER SYSTEM RESET doppler.{k}")
+        else:
+            conn.execute(f"ALTER SYSTEM SET doppler.{k} = {psycopg.sql.quote(str(v))}")
+    conn.execute("SELECT pg_reload_conf()")
+
+    def applied():
+        return all(conn.execute("SELECT coalesce(sourcefile LIKE '%%postgresql.auto.conf', false) = %s"
+                                " FROM pg_settings WHERE name = %s", (v is not None, f"doppler.{k}")).fetchone()[0]
+                   for k, v in settings.items())
+    wait_for(applied, 30, 0.05, f"settings {sorted(settings)} reloaded")
+    if cluster:
+        wait_for(lambda: cluster.log().count("reloaded its settings") > reloads, 30, 0.05, "the worker's reload")

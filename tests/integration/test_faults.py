@@ -28,6 +28,9 @@ def close(a, b, tol=1e-4):
 
 KEYS = {
     "int": ("int", ["1", "2"]),
+    "bigint": ("bigint", ["9000000000", "9000000001"]),
+    "text": ("text", ["a b", "O'Brien"]),
+    "uuid": ("uuid", ["7d444840-9dc0-11d1-b245-5ffdce74fad2", "7d444840-9dc0-11d1-b245-5ffdce74fad3"]),
     "enum": ("tf_key_enum", ["a", "b"]),
     "domain": ("tf_key_domain", ["k1", "k2"]),
     "citext": ("citext", ["Key1", "Key2"]),
@@ -187,3 +190,153 @@ def test_dropping_a_watched_column_ends_the_watch_with_a_warning(db, cluster):
         assert c.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'tf_plain.t'::regclass").fetchone()[0] == 0
     db.execute("DROP SCHEMA tf_plain CASCADE")
     db.execute("DROP ROLE tf_plain")
+
+
+def test_watches_follow_renames_of_tables_and_columns(db, cluster):
+    """RENAME of a watched table and of every column a watch uses (key, source, vector, model tag,
+    hash), by a plain owner, in async and sync mode: the watch names the new columns, a changed
+    image still clears what was derived from it, and new rows are filled. A swap of two names
+    through a third is followed step by step. A rename on a parent reaches a watched partition,
+    one of a composite type (ALTER TYPE ... CASCADE) a typed table."""
+    db.execute("DROP ROLE IF EXISTS tf_renamer")
+    db.execute("CREATE ROLE tf_renamer LOGIN")
+    db.execute("DROP SCHEMA IF EXISTS tf_ren CASCADE")
+    db.execute("CREATE SCHEMA tf_ren AUTHORIZATION tf_renamer")
+    with cluster.connect(user="tf_renamer") as c:
+        for mode in ["async", "sync"]:
+            t = f"tf_ren.t_{mode}"
+            c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, img bytea, note bytea, d_hash text, features real[])")
+            c.execute(f"SELECT doppler.watch('{t}', 'img', hash_column => 'd_hash', mode => '{mode}')")
+            c.execute(f"INSERT INTO {t} (id, img) VALUES (1, %s), (2, %s)", (data(A), data(B)))
+            c.execute(f"ALTER TABLE {t} RENAME TO r_{mode}")
+            t = f"tf_ren.r_{mode}"
+            for old, new in [("id", "key"), ("img", "picture"), ("features", "vec"),
+                             ("features_model", "vec_model"), ("d_hash", "hh")]:
+                c.execute(f"ALTER TABLE {t} RENAME COLUMN {old} TO {new}")
+            # swap the source with an unwatched column: picture -> tmp, note -> picture, tmp -> note
+            c.execute(f"ALTER TABLE {t} RENAME COLUMN picture TO tmp")
+            c.execute(f"ALTER TABLE {t} RENAME COLUMN note TO picture")
+            c.execute(f"ALTER TABLE {t} RENAME COLUMN tmp TO note")
+            w = c.execute("SELECT source_column, vector_column, model_column, hash_column, key_columns::text[]"
+                          " FROM doppler.watched WHERE relid = %s::regclass", (t,)).fetchone()
+            assert w == ("note", "vec", "vec_model", "hh", ["key"]), (mode, w)
+            c.execute(f"CALL doppler.fill('{t}')")
+            wait_for(lambda: c.execute(f"SELECT bool_and(vec IS NOT NULL AND hh IS NOT NULL) FROM {t}").fetchone()[0],
+                     60, 0.3, f"{t} filled")
+            # a changed image (the source is "note" now) clears its vector, tag and hash
+            if mode == "async":
+                with c.transaction():  # (before the worker, woken at commit, fills it again)
+                    c.execute(f"UPDATE {t} SET note = %s WHERE key = 1", (data(C),))
+                    assert c.execute(f"SELECT vec IS NULL AND vec_model IS NULL AND hh IS NULL FROM {t} WHERE key = 1").fetchone()[0]
+                c.execute(f"CALL doppler.fill('{t}')")
+            else:
+                c.execute(f"UPDATE {t} SET note = %s WHERE key = 1", (data(C),))
+            c.execute(f"INSERT INTO {t} (key, note) VALUES (3, %s)", (data(A),))
+            c.execute(f"CALL doppler.fill('{t}')")
+            got = dict(c.execute(f"SELECT key, vec FROM {t}").fetchall())
+            assert close(got[1], features(c, C)) and close(got[2], features(c, B)) and close(got[3], features(c, A)), mode
+            # the column now called "picture" (the old note) is not watched: changing it clears nothing
+            c.execute(f"UPDATE {t} SET picture = %s WHERE key = 2", (data(C),))
+            assert c.execute(f"SELECT vec IS NOT NULL FROM {t} WHERE key = 2").fetchone()[0]
+        # a partition is watched; the column is renamed on its parent
+        c.execute("CREATE TABLE tf_ren.p (id int, img bytea, features real[], features_model text, PRIMARY KEY (id)) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE tf_ren.p1 PARTITION OF tf_ren.p FOR VALUES FROM (0) TO (100)")
+        c.execute("SELECT doppler.watch('tf_ren.p1', 'img', mode => 'manual')")
+        c.execute("ALTER TABLE tf_ren.p RENAME COLUMN img TO picture")
+        assert c.execute("SELECT source_column FROM doppler.watched WHERE relid = 'tf_ren.p1'::regclass").fetchone()[0] == "picture"
+        # a typed table: its columns are renamed through its type
+        c.execute("CREATE TYPE tf_ren.row_t AS (id int, img bytea, features real[], features_model text)")
+        c.execute("CREATE TABLE tf_ren.typed OF tf_ren.row_t (PRIMARY KEY (id))")
+        c.execute("SELECT doppler.watch('tf_ren.typed', 'img', mode => 'manual')")
+        c.execute("ALTER TYPE tf_ren.row_t RENAME ATTRIBUTE img TO picture CASCADE")
+        assert c.execute("SELECT source_column FROM doppler.watched WHERE relid = 'tf_ren.typed'::regclass").fetchone()[0] == "picture"
+    db.execute("DROP SCHEMA tf_ren CASCADE")
+    db.execute("DROP ROLE tf_renamer")
+
+
+def test_composite_keys_and_pgvector_in_its_own_schema(db, cluster):
+    """A composite primary key (int, text) in every mode (async through the worker, sync, manual +
+    fill), with a hash column and dedup; and pgvector installed in a schema of its own that is on
+    nobody's search_path (vector and halfvec columns, similar, create_index)."""
+    # async, worker: composite key in the worker's database
+    db.execute("DROP TABLE IF EXISTS tf_comp")
+    db.execute("CREATE TABLE tf_comp (region int, name text, img bytea, h text, features real[], PRIMARY KEY (region, name))")
+    db.execute("SELECT doppler.watch('tf_comp', 'img', hash_column => 'h', dedup => true)")
+    db.execute("INSERT INTO tf_comp VALUES (1, 'a', %s), (1, 'b b', %s), (2, 'a', %s)", (data(A), data(B), data(A)))
+    wait_for(lambda: db.execute("SELECT bool_and(features IS NOT NULL) FROM tf_comp").fetchone()[0], 120, 0.3, "tf_comp filled")
+    db.execute("UPDATE tf_comp SET img = %s WHERE (region, name) = (2, 'a')", (data(C),))
+    wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM tf_comp WHERE region = 2").fetchone()[0], 120, 0.3, "refilled")
+    got = {(r, n): v for r, n, v in db.execute("SELECT region, name, features FROM tf_comp").fetchall()}
+    assert close(got[(1, "a")], features(db, A)) and close(got[(1, "b b")], features(db, B)) and close(got[(2, "a")], features(db, C))
+
+    if not cluster.has_pgvector():
+        return
+    with cluster.connect("postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS tf_pgv")
+        c.execute("CREATE DATABASE tf_pgv")
+    with cluster.connect("tf_pgv") as c:
+        c.execute("CREATE EXTENSION doppler")
+        c.execute("CREATE SCHEMA pgv")
+        c.execute("CREATE EXTENSION vector SCHEMA pgv")
+        for mode, vtype, tol in [("sync", "pgv.vector(2048)", 1e-4), ("manual", "pgv.halfvec(2048)", 2e-3)]:
+            t = f"t_{mode}"
+            c.execute(f"CREATE TABLE {t} (region int, name text, img bytea, h text, features {vtype},"
+                      " PRIMARY KEY (region, name))")
+            c.execute(f"SELECT doppler.watch('{t}', 'img', hash_column => 'h', dedup => true, mode => '{mode}')")
+            c.execute(f"INSERT INTO {t} VALUES (1, 'a', %s), (1, 'b', %s), (2, 'a', %s)", (data(A), data(B), data(A)))
+            c.execute(f"UPDATE {t} SET img = %s WHERE (region, name) = (1, 'b')", (data(C),))
+            if mode == "manual":
+                c.execute(f"CALL doppler.fill('{t}')")
+            got = {(r, n): v for r, n, v in c.execute(f"SELECT region, name, features::real[] FROM {t}").fetchall()}
+            assert close(got[(1, "a")], features(c, A), tol) and close(got[(2, "a")], features(c, A), tol), mode
+            assert close(got[(1, "b")], features(c, C), tol), mode
+            c.execute(f"SELECT doppler.create_index('{t}')")
+            top = c.execute(f"SELECT row_key, distance FROM doppler.similar('{t}', %s::bytea, 1)", (data(C),)).fetchone()
+            assert top[0] == "(1,b)" and top[1] < 0.05, (mode, top)
+            assert c.execute(f"SELECT size FROM doppler.duplicates('{t}', 0)").fetchall() == [(2,)], mode
+    with cluster.connect("postgres") as c:
+        c.execute("DROP DATABASE tf_pgv")
+
+
+def test_a_cancelled_fill_keeps_its_committed_batches(db, cluster):
+    """pg_cancel_backend and statement_timeout stop a running fill between model runs; every batch
+    it committed before stays written (and logged in doppler.batches)."""
+    db.execute("DROP TABLE IF EXISTS tf_cancel")
+    db.execute("CREATE TABLE tf_cancel (id int PRIMARY KEY, img bytea, features real[])")
+    with db.cursor() as cur:
+        cur.executemany("INSERT INTO tf_cancel VALUES (%s, %s)", [(i, data(GOOD[i % 6])) for i in range(80)])
+    db.execute("SELECT doppler.watch('tf_cancel', 'img', mode => 'manual', batch_size => 2)")
+
+    def committed():
+        return db.execute("SELECT coalesce(sum(filled), 0) FROM doppler.batches"
+                          " WHERE relid = 'tf_cancel'::regclass AND via = 'fill'").fetchone()[0]
+
+    # statement_timeout
+    with cluster.connect() as c:
+        c.execute("SET statement_timeout = '1500ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("CALL doppler.fill('tf_cancel')")
+    after_timeout = committed()
+    assert after_timeout >= 2, "no batch committed before the timeout"
+    # pg_cancel_backend, after the first NOTICE (a committed batch)
+    import threading
+    with cluster.connect() as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        notices, errors = [], []
+        c.add_notice_handler(lambda n: notices.append(n.message_primary))
+
+        def run():
+            try:
+                c.execute("CALL doppler.fill('tf_cancel')")
+            except psycopg.Error as e:
+                errors.append(e)
+        t = threading.Thread(target=run)
+        t.start()
+        wait_for(lambda: notices, 60, 0.05, "fill's first NOTICE")
+        db.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        t.join(60)
+        assert not t.is_alive()
+        assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled), errors
+    assert committed() > after_timeout
+    # what was committed is there (the worker may have filled more)
+    assert db.execute("SELECT count(*) FROM tf_cancel WHERE features IS NOT NULL").fetchone()[0] >= committed()

@@ -154,3 +154,22 @@ def test_watch_again_keeps_the_model_and_versions_guard_changes(db):
         db.execute("SELECT doppler.register_model('efficientnet_lite0', %s, dim => 1280)", (EFFNET,))
     db.execute("SELECT doppler.unwatch('keepmodel')")
     db.execute("DROP TABLE keepmodel")
+
+
+def test_cuda_falls_back_to_the_cpu_with_a_warning(db):
+    """No CUDA here (the CPU build of ONNX Runtime): execution_provider = 'cuda' builds a session
+    of its own, which says in a WARNING that it runs on the CPU, and gives the same features."""
+    q = "SELECT doppler.extract_features(%s::text)"
+    cpu = db.execute(q, (PHOTOS[0],)).fetchone()[0]
+    created = db.execute("SELECT sessions_created FROM doppler.session_info() LIMIT 1").fetchone()[0]
+    notices = []
+    db.add_notice_handler(lambda n: notices.append((n.severity_nonlocalized, n.message_primary)))
+    db.execute("SET doppler.execution_provider = 'cuda'")
+    try:
+        assert db.execute(q, (PHOTOS[0],)).fetchone()[0] == cpu
+        row = db.execute("SELECT execution_provider, sessions_created FROM doppler.session_info() LIMIT 1").fetchone()
+        assert row == ("CPU", created + 1), row
+        assert any(sev == "WARNING" and "execution_provider is cuda but the model runs on the CPU" in m
+                   for sev, m in notices), notices
+    finally:
+        db.execute("RESET doppler.execution_provider")

@@ -10,7 +10,7 @@ import zlib
 import psycopg
 import pytest
 
-from conftest import fixture_paths, status, wait_for
+from conftest import fixture_paths, set_system, status, wait_for
 
 GOOD = [p for p in fixture_paths() if "large_" not in p]
 PNG = next(p for p in GOOD if p.endswith("portrait_300x500.png"))
@@ -222,11 +222,14 @@ def test_privileges(db, corpus, web):
 
 
 def test_worker_records_every_bad_input_and_fills_the_rest(db, cluster, corpus, web):
-    db.execute("ALTER SYSTEM SET doppler.allow_urls = on")
-    db.execute("ALTER SYSTEM SET doppler.url_allowed_networks = '127.0.0.2/32'")
-    db.execute("ALTER SYSTEM SET doppler.url_timeout = '1500ms'")
-    db.execute("SELECT pg_reload_conf()")
-    time.sleep(1)
+    set_system(db, cluster, allow_urls="on", url_allowed_networks="127.0.0.2/32", url_timeout="1500ms")
+    try:
+        check_worker_corpus(db, cluster, corpus, web)
+    finally:
+        set_system(db, cluster, allow_urls=None, url_allowed_networks=None, url_timeout=None)
+
+
+def check_worker_corpus(db, cluster, corpus, web):
     bad = [os.path.join(corpus, n) for n in ["truncated.jpg", "bad_huffman.jpg", "bad_crc.png", "empty.png", "notes.txt",
                                              "bomb.png", "bomb.gif", "header_30000.png", "pipe.jpg", "no_such.png"]]
     bad += [corpus, web + "/missing.png", web + "/broken.png", web + "/slow.png", web + "/loop", web + "/to-loopback",
@@ -241,6 +244,3 @@ def test_worker_records_every_bad_input_and_fills_the_rest(db, cluster, corpus, 
     recorded = {r[0] for r in db.execute("SELECT source FROM doppler.failures WHERE relid = 'corpus'::regclass").fetchall()}
     assert recorded == set(bad)
     assert "terminated by signal" not in cluster.log()
-    for k in ["allow_urls", "url_allowed_networks", "url_timeout"]:
-        db.execute(f"ALTER SYSTEM RESET doppler.{k}")
-    db.execute("SELECT pg_reload_conf()")

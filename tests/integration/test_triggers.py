@@ -8,7 +8,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from conftest import fixture_paths, status, wait_for
+from conftest import fixture_paths, status, stays, wait_for, worker, worker_fresh_nap
 
 SMALL = [p for p in fixture_paths() if "large_" not in p]
 
@@ -31,11 +31,9 @@ def test_async_insert_is_filled_without_fill_or_wake(db):
     db.execute("CREATE TABLE a_ins (id int PRIMARY KEY, f_img text, note text, features real[])")
     db.execute("SELECT doppler.watch('a_ins')")  # async is the default
     assert triggers(db, "a_ins") == ["doppler_clear_stale", "doppler_truncate", "doppler_wake"]
-    time.sleep(1)  # the worker is asleep now (naptime 30 s)
-    t0 = time.time()
+    worker_fresh_nap(db)  # the worker has just begun a 30 s nap: only a wake-up fills the row within 15 s
     db.execute("INSERT INTO a_ins VALUES (1, %s)", (SMALL[0],))
     v = wait_for(lambda: db.execute("SELECT features FROM a_ins WHERE id = 1").fetchone()[0], 15, 0.1, "async fill")
-    assert time.time() - t0 < 10, "filled only at the worker's nap"
     assert close(v, db.execute("SELECT doppler.extract_features(%s::text)", (SMALL[0],)).fetchone()[0])
 
     # a changed path clears the stale vector and is recomputed
@@ -45,22 +43,32 @@ def test_async_insert_is_filled_without_fill_or_wake(db):
     assert not close(v2, v)
     runs = batches(db, "a_ins", "worker")
 
-    # another column: nothing recomputed
-    db.execute("UPDATE a_ins SET note = 'hello' WHERE id = 1")
-    db.execute("UPDATE a_ins SET f_img = f_img WHERE id = 1")  # same path: not stale either
-    time.sleep(3)
+    # another column, or the same path again: the vector is not stale (checked before the commit,
+    # so that no worker pass can have refilled it), and no batch runs for the row
+    with db.transaction():
+        db.execute("UPDATE a_ins SET note = 'hello' WHERE id = 1")
+        db.execute("UPDATE a_ins SET f_img = f_img WHERE id = 1")
+        assert db.execute("SELECT features IS NOT NULL AND features_model IS NOT NULL FROM a_ins WHERE id = 1").fetchone()[0]
+    worker_fresh_nap(db)  # a whole pass after the updates
     assert batches(db, "a_ins", "worker") == runs
     assert close(db.execute("SELECT features FROM a_ins WHERE id = 1").fetchone()[0], v2, 0)
 
 
 def test_async_aborted_insert_does_not_wake(db):
+    """The async trigger wakes the worker when the transaction commits, not when it aborts: a
+    worker that has just begun its 30 s nap stays asleep (a woken worker reports a pass at once,
+    which moves its state_change); a committed insert then wakes it."""
     db.execute("CREATE TABLE a_abort (id int PRIMARY KEY, f_img text, features real[])")
     db.execute("SELECT doppler.watch('a_abort')")
+    nap = worker_fresh_nap(db)
     with pytest.raises(psycopg.errors.DivisionByZero):
         with db.transaction():
             db.execute("INSERT INTO a_abort VALUES (1, %s)", (SMALL[0],))
             db.execute("SELECT 1/0")
-    assert db.execute("SELECT count(*) FROM a_abort").fetchone()[0] == 0
+    stays(lambda: worker(db)[1] == nap, 2, "the sleeping worker's state")
+    db.execute("INSERT INTO a_abort VALUES (1, %s)", (SMALL[0],))
+    wait_for(lambda: worker(db)[1] != nap, 10, 0.05, "the worker woken by the committed insert")
+    wait_for(lambda: db.execute("SELECT features IS NOT NULL FROM a_abort").fetchone()[0], 15, 0.1, "row filled")
 
 
 def copy_rows(db, table, rows):

@@ -23,7 +23,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from conftest import fixture_paths, wait_for
+from conftest import fixture_paths, set_system, wait_for
 
 GOOD = [p for p in fixture_paths() if "large_" not in p]
 A, B, C = GOOD[0], GOOD[1], GOOD[2]
@@ -553,8 +553,7 @@ def test_worker_is_not_stalled_by_an_owner(cluster, admin):
     after doppler.worker_batch_timeout. Advisory locks the owner's code takes do not stay with it."""
     for r in ("tb_locker", "tb_sleeper", "tb_patient"):
         fresh_role(admin, r)
-    admin.execute("ALTER SYSTEM SET doppler.worker_batch_timeout = '3s'")
-    admin.execute("SELECT pg_reload_conf()")
+    set_system(admin, cluster, worker_batch_timeout="3s")
     try:
         with cluster.connect(user="tb_locker") as lk, cluster.connect(user="tb_sleeper") as sl, \
                 cluster.connect(user="tb_patient") as v:
@@ -584,8 +583,7 @@ def test_worker_is_not_stalled_by_an_owner(cluster, admin):
                                  (worker,)).fetchone()[0]
             assert held == 0, "the worker still holds an advisory lock a table owner's trigger took"
     finally:
-        admin.execute("ALTER SYSTEM RESET doppler.worker_batch_timeout")
-        admin.execute("SELECT pg_reload_conf()")
+        set_system(admin, cluster, worker_batch_timeout=None)
 
 
 def test_a_failing_count_does_not_break_status(cluster, admin):

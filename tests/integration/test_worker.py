@@ -8,7 +8,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from conftest import PG, fixture_paths, status, wait_for
+from conftest import PG, fixture_paths, set_system, status, wait_for, worker
 
 GOOD = [p for p in fixture_paths() if "large_" not in p][:12]
 
@@ -88,38 +88,75 @@ def test_worker_is_visible_and_reports_activity(db):
 def test_rows_inserted_while_running_and_concurrent_fill_never_write_twice(db, cluster):
     n = make_table(db, "busy", n_copies=4, log=True)
     db.execute("SELECT doppler.watch('busy', batch_size => 4)")
-    # a foreground fill races the worker over the same rows
+    # the worker is at it (its first batch committed) when a foreground fill starts on the same rows
+    wait_for(lambda: db.execute("SELECT count(*) FROM doppler.batches WHERE relid = 'busy'::regclass"
+                                " AND via = 'worker'").fetchone()[0] > 0, 120, 0.05, "the worker's first batch")
     with cluster.connect() as other:
-        notices = []
+        notices, errors = [], []
         other.add_notice_handler(lambda d: notices.append(d.message_primary))
-        t = threading.Thread(target=lambda: other.execute("CALL doppler.fill('busy')"))
+
+        def run():
+            try:
+                other.execute("CALL doppler.fill('busy')")
+            except Exception as e:  # noqa: BLE001 - asserted below
+                errors.append(e)
+        t = threading.Thread(target=run)
         t.start()
         with db.cursor() as cur:  # and more rows arrive meanwhile
             cur.executemany("INSERT INTO busy (f_img) VALUES (%s)", [(p,) for p in GOOD])
         db.execute("SELECT doppler.wake()")
         t.join(300)
+        assert not t.is_alive(), "fill did not finish"
+        assert not errors, errors
     n += len(GOOD)
     s = wait_filled(db, "busy")
     assert s["done"] == n and s["failed"] == 0
     assert_written_once(db, "busy", n)
     via = dict(db.execute("SELECT via, sum(filled) FROM doppler.batches WHERE relid = 'busy'::regclass GROUP BY via").fetchall())
     assert sum(via.values()) == n
+    assert via.get("worker", 0) > 0 and via.get("fill", 0) > 0, f"no race: {via}"
     assert any("images/s" in m and "ETA" in m for m in notices), notices
 
 
-def test_fill_by_hand_with_max_rows(db):
-    make_table(db, "byhand")
-    # a manual table: no worker involvement expected for the first rows we fill
-    db.execute("SELECT doppler.watch('byhand', batch_size => 2, priority => -1)")
-    db.execute("CALL doppler.fill('byhand', max_rows => 3)")
-    assert db.execute("SELECT count(features) >= 3 FROM byhand").fetchone()[0]
+def test_fill_by_hand_with_max_rows(noworker):
+    """fill(max_rows => 3) fills exactly 3 rows (a batch of 2, then one of 1), in a database no
+    worker serves, so that nothing else fills any."""
+    with noworker() as c:
+        n = make_table(c, "byhand")
+        c.execute("SELECT doppler.watch('byhand', batch_size => 2, mode => 'manual')")
+        c.execute("CALL doppler.fill('byhand', max_rows => 3)")
+        assert c.execute("SELECT count(features) FROM byhand").fetchone()[0] == 3
+        assert c.execute("SELECT count(*), sum(filled) FROM doppler.batches WHERE relid = 'byhand'::regclass"
+                         " AND via = 'fill'").fetchone() == (2, 3)
+        c.execute("CALL doppler.fill('byhand')")
+        assert c.execute("SELECT count(features) FROM byhand").fetchone()[0] == n
+
+
+def slow_writes(db, table, seconds=0.2):
+    """Each write of the vector column waits (pg_sleep, in the owner's trigger): a batch lasts long
+    enough to be caught in the middle."""
+    db.execute(f"""CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN PERFORM pg_catalog.pg_sleep({seconds}); RETURN NEW; END $$""")
+    db.execute(f"CREATE TRIGGER {table}_slow BEFORE UPDATE OF features ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_slow()")
+
+
+def worker_mid_batch(db, table):
+    """Waits until the worker is inside a batch of `table`: writing a row (its trigger's pg_sleep)
+    and holding the table's lock. Returns its pid."""
+    def inside():
+        w = db.execute("""SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+                          WHERE a.backend_type = 'doppler worker' AND a.wait_event = 'PgSleep'
+                            AND l.relation = %s::regclass AND l.granted""", (table,)).fetchone()
+        return w and w[0]
+    return wait_for(inside, 120, 0.02, f"the worker inside a batch of {table}")
 
 
 def test_kill_9_of_the_worker_mid_batch(db, cluster):
     n = make_table(db, "crashy", n_copies=4, log=True)
+    slow_writes(db, "crashy")
     db.execute("SELECT doppler.watch('crashy', batch_size => 3)")
     wait_for(lambda: db.execute("SELECT count(*) FROM crashy_writes").fetchone()[0] > 0, 120, what="first batch")
-    pid = db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0]
+    pid = worker_mid_batch(db, "crashy")
     os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend and restarts the worker
     with pytest.raises(psycopg.OperationalError):
         for _ in range(50):
@@ -133,12 +170,15 @@ def test_kill_9_of_the_worker_mid_batch(db, cluster):
 
 def test_server_restart_mid_run(db, cluster):
     n = make_table(db, "restarty", n_copies=4, log=True)
+    slow_writes(db, "restarty")
     db.execute("SELECT doppler.watch('restarty', batch_size => 3)")
     wait_for(lambda: db.execute("SELECT count(*) FROM restarty_writes").fetchone()[0] > 0, 120, what="first batch")
+    worker_mid_batch(db, "restarty")
     db.close()
     cluster.stop("fast")
     cluster.start()
     with cluster.connect() as c:
+        assert c.execute("SELECT count(*) FROM restarty WHERE features IS NULL").fetchone()[0] > 0, "nothing left to do"
         wait_filled(c, "restarty")
         assert_written_once(c, "restarty", n)
 
@@ -224,14 +264,18 @@ def test_watch_checks(db, cluster):
 
 
 def test_worker_survives_sighup_and_comes_back_after_sigterm(db, cluster):
-    pid = wait_for(lambda: db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone(), 60)[0]
-    db.execute("ALTER SYSTEM SET doppler.worker_naptime = '20s'")
-    db.execute("SELECT pg_reload_conf()")
-    db.execute("SELECT doppler.wake()")
-    assert db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0] == pid
-    assert db.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
-    new = wait_for(lambda: db.execute(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker' AND pid <> %s", (pid,)).fetchone(), 60,
-        what="worker restarted")
-    assert new[0] != pid
-    assert "doppler worker in database" in cluster.log()
+    pid = wait_for(lambda: worker(db), 60, what="the worker")[0]
+    reloaded = "reloaded its settings (naptime 20000 ms)"
+    started = f'doppler worker started in database "{db.info.dbname}"'
+    before = cluster.log().count(reloaded)
+    try:
+        set_system(db, worker_naptime="20s")
+        wait_for(lambda: cluster.log().count(reloaded) > before, 30, 0.1, "the worker's reload")
+        assert worker(db)[0] == pid  # the same process
+        starts = cluster.log().count(started)
+        assert db.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        new = wait_for(lambda: (lambda w: w if w and w[0] != pid else None)(worker(db)), 60, what="worker restarted")
+        assert new[0] != pid
+        wait_for(lambda: cluster.log().count(started) == starts + 1, 30, 0.1, "the new worker's start line")
+    finally:
+        set_system(db, worker_naptime=None)

@@ -32,6 +32,12 @@ fn decode_and_resize_equal_pil_bit_for_bit() {
             decode_rgb(&bytes, &name, &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let r = resize_bilinear(&img, 224, 224);
         let want = std::fs::read(format!("{path}.rgb224")).unwrap();
+        assert_eq!(
+            want.len(),
+            224 * 224 * 3,
+            "{name}: PIL's reference is not 224x224 RGB"
+        );
+        assert_eq!(r.data.len(), want.len(), "{name}: resized image size");
         let diff = r.data.iter().zip(&want).filter(|(a, b)| a != b).count();
         let maxd = r
             .data
@@ -75,12 +81,18 @@ fn features_match_the_python_reference() {
         doppler_core::prepare(&bytes, name, &Limits::default(), &pre, slot).unwrap();
     }
     let out = m.run(&batch, fx.len()).unwrap();
+    assert_eq!(out.len(), fx.len() * 2048, "one 2048-d vector per image");
     for ((path, name), got) in fx.iter().zip(out.chunks_exact(2048)) {
         let raw = std::fs::read(format!("{path}.f32")).unwrap();
         let want: Vec<f32> = raw
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
+        assert_eq!(
+            want.len(),
+            2048,
+            "{name}: the reference features are not 2048-d"
+        );
         let (mut dot, mut na, mut nb, mut max) = (0f64, 0f64, 0f64, 0f64);
         for (&a, &b) in got.iter().zip(&want) {
             dot += a as f64 * b as f64;

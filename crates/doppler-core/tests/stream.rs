@@ -52,6 +52,7 @@ fn chunks_arrive_in_order_with_errors_in_place() {
         },
     );
     assert_eq!(starts, vec![(0, 3), (3, 3), (6, 3), (9, 2)]);
+    assert_eq!(all.len(), srcs.len());
     for (i, (src, got)) in srcs.iter().zip(&all).enumerate() {
         let Source::Bytes(bytes) = src else {
             unreachable!()
@@ -85,6 +86,7 @@ fn chunks_arrive_in_order_with_errors_in_place() {
             once.extend(images);
         },
     );
+    assert_eq!(once.len(), all.len());
     for (a, b) in once.iter().zip(&all) {
         assert_eq!(a.as_ref().ok(), b.as_ref().ok());
     }
