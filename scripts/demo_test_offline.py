@@ -88,8 +88,12 @@ class FakeConn:
             return Result([(str(i), r["f_img"]) for i, r in self.rows.items()])
         if m := re.search(r"doppler\.similar\('image_lookup', %s, k => (\d+)\)", sql):
             q = self.features(params[0])
-            hits = sorted((float(np.linalg.norm(r["features"] - q)), str(i), r["f_img"])
-                          for i, r in self.rows.items() if r["features"] is not None)
+            # ties: the query's own family first (its original, its sibling copy), so that a
+            # constant model fails by the margin, not by the order of ties
+            family = Path(params[0]).stem.split("__")[0]
+            hits = sorted((float(np.linalg.norm(r["features"] - q)), Path(r["f_img"]).stem.split("__")[0] != family,
+                           str(i), r["f_img"]) for i, r in self.rows.items() if r["features"] is not None)
+            hits = [(d, k, f) for d, _, k, f in hits]
             if self.wrong:
                 hits = hits[:1] + hits[-1:] + hits[1:-1]
             return Result([(k, f, d) for d, k, f in hits[: int(m.group(1))]])
@@ -185,11 +189,15 @@ def test_fail_and_timeout_and_usage(tmp_path: Path) -> None:
     assert e.value.code == 2
 
 
-def test_a_constant_model_or_a_failed_row_fails(tmp_path: Path) -> None:
-    """Every picture at the same distance (a model that ignores its input): no copy is clearly
-    nearest its original. A row doppler could not fill fails the demo too."""
+def test_a_constant_model_or_a_failed_row_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every picture at the same distance (a model that ignores its input): each copy's original
+    comes first (ties), but not clearly nearer than the others, so the check fails. A row doppler
+    could not fill fails the demo too."""
     assert run(tmp_path / "a", tmp_path / "a" / "out", constant=True)[0] == 1
+    out = capsys.readouterr().out
+    assert "no other picture at a distance > 0" in out and "near-duplicate check: FAIL (0/" in out
     assert run(tmp_path / "b", tmp_path / "b" / "out", failed_rows=1)[0] == 1
+    assert "FAIL: 1 rows could not be filled" in capsys.readouterr().out
 
 
 def test_rerun_and_name_clashes(tmp_path: Path) -> None:

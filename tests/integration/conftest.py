@@ -123,6 +123,11 @@ def pytest_runtest_logreport(report):
         SKIPPED.append(report.nodeid)
 
 
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module skipped at collection
+        SKIPPED.append(report.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus):
     import re
     with open(os.path.join(os.path.dirname(__file__), "expected_skips.txt")) as f:
@@ -184,18 +189,29 @@ def status(conn, table):
 
 
 def worker(conn):
-    """This database's doppler worker in pg_stat_activity: (pid, state_change, query, wait_event), or None."""
+    """This database's doppler worker in pg_stat_activity: (pid, state_change, query,
+    wait_event_type/wait_event), or None. Outside a transaction: inside one, pg_stat_activity is
+    a snapshot that does not move."""
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "pg_stat_activity would be a snapshot"
     return conn.execute(
-        "SELECT pid, state_change, query, wait_event FROM pg_stat_activity"
+        "SELECT pid, state_change, query, wait_event_type || '/' || wait_event FROM pg_stat_activity"
         " WHERE backend_type = 'doppler worker' AND datname = current_database()").fetchone()
 
 
 def worker_asleep(conn, timeout=60):
     """Waits until the worker sleeps on its latch after a pass (it reports 'doppler: idle' at the
     end of each pass, and every report moves state_change); returns its state_change then."""
-    def asleep():
+    def asleep_once():
         w = worker(conn)
-        return w and w[2] == "doppler: idle" and w[3] == "Extension" and w[1]
+        return w and w[2] == "doppler: idle" and w[3] == "Extension/Extension" and w[1]
+
+    def asleep():
+        # and still so 300 ms later (a latch already set shows the wait event for a moment)
+        t = asleep_once()
+        if not t:
+            return None
+        time.sleep(0.3)
+        return t if asleep_once() == t else None
     return wait_for(asleep, timeout, 0.05, "the worker asleep")
 
 

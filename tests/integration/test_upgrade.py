@@ -7,6 +7,7 @@ The tests run in file order: update, compare with a fresh install, then dump and
 import os
 import shutil
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -179,6 +180,8 @@ def test_dump_and_restore_into_a_new_database(old, tmp_path):
     records and triggers come back, and the worker (waiting quietly for that database since the
     server started) fills rows inserted after the restore."""
     # the worker of the missing database said so once, and did not FATAL every 5 s since
+    # long enough for a worker that FATALs every 5 s to have done so several times
+    wait_for(lambda: time.time() - old.started > 15, 30, 0.5, "15 s since the server started")
     log = old.log()
     missing = f'database "{RESTORED}" does not exist'
     assert log.count(missing) == 1, [l for l in log.splitlines() if RESTORED in l]
