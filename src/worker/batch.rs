@@ -390,89 +390,100 @@ pub fn run_batch(
             (gucs::limits(), gucs::source_policy(), gucs::skip_hashes());
         let mut inferred: Vec<(String, Vec<f32>)> = Vec::new(); // dedup: vectors of this batch
         session::with_model(&spec, |model, pre| {
-            prepare_stream(&srcs, pre, &limits, &policy, opts, |start, images| {
-                // cancel, statement_timeout, shutdown: act between model runs
-                check_for_interrupts!();
-                // (group key, rows, input slot)
-                let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-                for (j, image) in (start..).zip(images) {
-                    let i = sources[j].0;
-                    let (slot, computed) = match image {
-                        Ok(ok) => ok,
+            prepare_stream(
+                &srcs,
+                pre,
+                &limits,
+                &policy,
+                opts,
+                |start, images| {
+                    // cancel, statement_timeout, shutdown: act between model runs
+                    check_for_interrupts!();
+                    // (group key, rows, input slot)
+                    let mut groups: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+                    for (j, image) in (start..).zip(images) {
+                        let i = sources[j].0;
+                        let (slot, computed) = match image {
+                            Ok(ok) => ok,
+                            Err(e) => {
+                                errors.push((i, e));
+                                continue;
+                            }
+                        };
+                        let c = &claimed[i];
+                        let hash = c.hash.clone().or_else(|| computed.map(dhash::to_hex));
+                        if c.hash.is_none() {
+                            outcomes[i].hash = hash.clone();
+                        }
+                        if c.has_vector {
+                            continue; // only its hash was missing
+                        }
+                        let key = match (&hash, w.dedup) {
+                            (Some(h), true) if skip_list.contains(h) => {
+                                skips.push((i, h.clone()));
+                                continue;
+                            }
+                            (Some(h), true) => h.clone(),
+                            _ => format!("row {i}"),
+                        };
+                        if let Some((_, v)) = inferred.iter().find(|(k, _)| *k == key) {
+                            outcomes[i].vector = Some(v.clone());
+                            deduped += 1;
+                        } else if let Some(g) = groups.iter_mut().find(|g| g.0 == key) {
+                            g.1.push(i);
+                        } else {
+                            groups.push((key, vec![i], slot));
+                        }
+                    }
+                    if w.dedup && !groups.is_empty() {
+                        let keys: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+                        let known = as_owner(w.owner, || existing_vectors(w, &tag, &keys));
+                        groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
+                            Some((_, v)) => {
+                                for &i in rows {
+                                    outcomes[i].vector = Some(v.clone());
+                                }
+                                deduped += rows.len() as i64;
+                                false
+                            }
+                            None => true,
+                        });
+                    }
+                    if groups.is_empty() {
+                        return;
+                    }
+                    let mut tensor = Vec::with_capacity(groups.len() * pre.slot_len());
+                    for (_, _, slot) in &groups {
+                        tensor.extend_from_slice(slot);
+                    }
+                    match model.run(&tensor, groups.len()) {
+                        Ok(out) => {
+                            for (n, (key, rows, _)) in groups.into_iter().enumerate() {
+                                let v = &out[n * model.dim..(n + 1) * model.dim];
+                                deduped += rows.len() as i64 - 1;
+                                for &i in &rows {
+                                    outcomes[i].vector = Some(v.to_vec());
+                                }
+                                if w.dedup {
+                                    inferred.push((key, v.to_vec()));
+                                }
+                            }
+                        }
                         Err(e) => {
-                            errors.push((i, e));
-                            continue;
-                        }
-                    };
-                    let c = &claimed[i];
-                    let hash = c.hash.clone().or_else(|| computed.map(dhash::to_hex));
-                    if c.hash.is_none() {
-                        outcomes[i].hash = hash.clone();
-                    }
-                    if c.has_vector {
-                        continue; // only its hash was missing
-                    }
-                    let key = match (&hash, w.dedup) {
-                        (Some(h), true) if skip_list.contains(h) => {
-                            skips.push((i, h.clone()));
-                            continue;
-                        }
-                        (Some(h), true) => h.clone(),
-                        _ => format!("row {i}"),
-                    };
-                    if let Some((_, v)) = inferred.iter().find(|(k, _)| *k == key) {
-                        outcomes[i].vector = Some(v.clone());
-                        deduped += 1;
-                    } else if let Some(g) = groups.iter_mut().find(|g| g.0 == key) {
-                        g.1.push(i);
-                    } else {
-                        groups.push((key, vec![i], slot));
-                    }
-                }
-                if w.dedup && !groups.is_empty() {
-                    let keys: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
-                    let known = as_owner(w.owner, || existing_vectors(w, &tag, &keys));
-                    groups.retain(|(h, rows, _)| match known.iter().find(|(k, _)| k == h) {
-                        Some((_, v)) => {
-                            for &i in rows {
-                                outcomes[i].vector = Some(v.clone());
-                            }
-                            deduped += rows.len() as i64;
-                            false
-                        }
-                        None => true,
-                    });
-                }
-                if groups.is_empty() {
-                    return;
-                }
-                let mut tensor = Vec::with_capacity(groups.len() * pre.slot_len());
-                for (_, _, slot) in &groups {
-                    tensor.extend_from_slice(slot);
-                }
-                match model.run(&tensor, groups.len()) {
-                    Ok(out) => {
-                        for (n, (key, rows, _)) in groups.into_iter().enumerate() {
-                            let v = &out[n * model.dim..(n + 1) * model.dim];
-                            deduped += rows.len() as i64 - 1;
-                            for &i in &rows {
-                                outcomes[i].vector = Some(v.to_vec());
-                            }
-                            if w.dedup {
-                                inferred.push((key, v.to_vec()));
+                            for (_, rows, _) in &groups {
+                                errors.extend(
+                                    rows.iter()
+                                        .map(|&i| (i, Error::new(e.kind, e.message.clone()))),
+                                );
                             }
                         }
                     }
-                    Err(e) => {
-                        for (_, rows, _) in &groups {
-                            errors.extend(
-                                rows.iter()
-                                    .map(|&i| (i, Error::new(e.kind, e.message.clone()))),
-                            );
-                        }
-                    }
-                }
-            });
+                },
+                || {
+                    // and while a chunk decodes: within about one image, not one model run
+                    check_for_interrupts!();
+                },
+            );
         });
     }
 

@@ -42,13 +42,18 @@ pub struct StreamOptions {
     pub want_hash: bool,
 }
 
+/// How often [`prepare_stream`] calls its `poll` while it waits for the threads.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Reads, decodes and preprocesses `sources` on `opts.threads` threads, in order, and hands them
 /// to `consume` on the calling thread one chunk at a time (`consume(start, images)` gets
 /// `sources[start..start + images.len()]`), while the threads go on preparing the next chunk.
 /// So the caller's model run over chunk k overlaps the decoding of chunk k + 1, and at most about
 /// three chunks of slots are alive at once. Threads are created with every signal blocked, so
-/// Postgres signals stay with the calling backend. If `consume` panics (a Postgres ERROR), the
-/// threads stop after their current image and the panic goes on.
+/// Postgres signals stay with the calling backend. While the calling thread waits for a chunk, it
+/// calls `poll` every [`POLL_INTERVAL`] (the backend checks for a cancel there). If `consume` or
+/// `poll` panics (a Postgres ERROR), the threads stop after their current image and the panic
+/// goes on.
 pub fn prepare_stream(
     sources: &[Source],
     pre: &Preprocess,
@@ -56,6 +61,7 @@ pub fn prepare_stream(
     policy: &source::SourcePolicy,
     opts: StreamOptions,
     mut consume: impl FnMut(usize, Vec<PreparedImage>),
+    mut poll: impl FnMut(),
 ) {
     let n = sources.len();
     if n == 0 {
@@ -114,14 +120,20 @@ pub fn prepare_stream(
         });
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
-            let images: Vec<PreparedImage> = {
-                let mut st = lock();
-                while st.results[start..end].iter().any(Option::is_none) {
-                    st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
+            let images: Vec<PreparedImage> = loop {
+                {
+                    let mut st = lock();
+                    if st.results[start..end].iter().all(Option::is_some) {
+                        st.limit = (end + chunk).min(n);
+                        let taken = st.results[start..end].iter_mut().map(|r| r.take());
+                        break taken.map(|r| r.expect("checked above")).collect();
+                    }
+                    let _unused = ready
+                        .wait_timeout(st, POLL_INTERVAL)
+                        .unwrap_or_else(|p| p.into_inner());
                 }
-                st.limit = (end + chunk).min(n);
-                let taken = st.results[start..end].iter_mut().map(|r| r.take());
-                taken.map(|r| r.expect("checked above")).collect()
+                // (not holding the lock: a panic here stops the threads through `_stop`)
+                poll();
             };
             ready.notify_all();
             consume(start, images);

@@ -50,6 +50,7 @@ fn chunks_arrive_in_order_with_errors_in_place() {
             starts.push((start, images.len()));
             all.extend(images);
         },
+        || {},
     );
     assert_eq!(starts, vec![(0, 3), (3, 3), (6, 3), (9, 2)]);
     assert_eq!(all.len(), srcs.len());
@@ -85,6 +86,7 @@ fn chunks_arrive_in_order_with_errors_in_place() {
             assert_eq!(start, 0);
             once.extend(images);
         },
+        || {},
     );
     assert_eq!(once.len(), all.len());
     for (a, b) in once.iter().zip(&all) {
@@ -108,7 +110,40 @@ fn a_failing_consumer_stops_the_threads() {
             &SourcePolicy::files(64 << 20),
             opts,
             |start, _| assert!(start < 4, "the consumer fails at chunk {start}"),
+            || {},
         )
     });
     assert!(r.is_err(), "the consumer's panic goes on");
+}
+
+/// While a chunk decodes, the caller is polled (a backend checks for a cancel there); a poll that
+/// fails (a cancel) stops the stream before the chunk is handed over, and the threads with it.
+#[test]
+fn the_caller_is_polled_while_a_chunk_decodes() {
+    let big = fixture("large_3000x2000.jpg");
+    let srcs: Vec<Source> = (0..24).map(|_| Source::Bytes(big.clone())).collect();
+    let opts = StreamOptions {
+        threads: 1,
+        chunk: 24,
+        want_hash: true,
+    };
+    let polls = std::cell::Cell::new(0);
+    let consumed = std::cell::Cell::new(false);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        prepare_stream(
+            &srcs,
+            &Preprocess::IMAGENET,
+            &Limits::default(),
+            &SourcePolicy::files(64 << 20),
+            opts,
+            |_, _| consumed.set(true),
+            || {
+                polls.set(polls.get() + 1);
+                assert!(polls.get() < 2, "cancelled");
+            },
+        )
+    }));
+    assert!(r.is_err(), "the poll's panic goes on");
+    assert!(!consumed.get(), "the chunk was handed over");
+    assert_eq!(polls.get(), 2);
 }
