@@ -210,6 +210,56 @@ def writer_costs(c, paths, rows_n, threads, batch):
     return out
 
 
+CLAIMS_HEAD = "## Claims on large tables"
+
+
+def claim_costs(c, rows_n, pending=32):
+    """A manual-mode table of `rows_n` rows that already have vectors (16-d, the tiny model) and
+    `pending` rows that do not, in a database no worker serves: the time of one batch step of fill
+    (claim + prepare + infer + write) over the pending rows, and of an empty claim (nothing to do:
+    what every idle pass and wake-up costs), with the pending index that watch creates and, in
+    the same run, without it (0.1.0's claim: a scan of the table)."""
+    img = sorted(p for p in os.listdir(f"{DEPS}/fixtures") if p.endswith("_640x480.jpg"))[0]
+    img = f"{DEPS}/fixtures/{img}"
+    with c.connect("bench") as db:
+        db.execute("SELECT doppler.register_model('tiny', %s, dim => 16)", (f"{MODELS}/tiny.onnx",))
+        db.execute("DROP TABLE IF EXISTS big")
+        db.execute("CREATE TABLE big (id int PRIMARY KEY, f_img text, features real[], features_model text)")
+        db.execute("INSERT INTO big SELECT i, %s, array_fill(0.5::real, ARRAY[16]), 'tiny@1'"
+                   " FROM generate_series(1, %s) i", (img, rows_n))
+        db.execute("SELECT doppler.watch('big', model => 'tiny', batch_size => %s, mode => 'manual')", (pending,))
+        size = db.execute("SELECT pg_size_pretty(pg_total_relation_size('big'))").fetchone()[0]
+        db.execute("CALL doppler.fill('big')")  # the scan for other models' vectors, once
+
+        def step(start):
+            db.execute("INSERT INTO big (id, f_img) SELECT i, %s FROM generate_series(%s, %s) i",
+                       (img, start, start + pending - 1))
+            db.execute("ANALYZE big")
+            t0 = time.perf_counter()
+            n = db.execute("SELECT claimed FROM doppler._fill_batch('big'::regclass::oid, %s)", (pending,)).fetchone()[0]
+            fill_ms = (time.perf_counter() - t0) * 1000
+            assert n == pending, n
+            t0 = time.perf_counter()
+            for _ in range(10):
+                assert db.execute("SELECT claimed FROM doppler._fill_batch('big'::regclass::oid, %s)",
+                                  (pending,)).fetchone()[0] == 0
+            return fill_ms, (time.perf_counter() - t0) * 100
+
+        with_index = step(rows_n + 1)
+        idx = db.execute("""SELECT format('%I', c.relname) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                            WHERE i.indrelid = 'big'::regclass AND obj_description(c.oid, 'pg_class') LIKE 'doppler:%'""").fetchone()[0]
+        db.execute(f"DROP INDEX {idx}")
+        without = step(rows_n + pending + 1)
+        db.execute("DROP TABLE big")
+    return (f"{CLAIMS_HEAD}\n\nA manual-mode table of {rows_n:,} rows with vectors ({size}) and {pending} new rows without, "
+            "in a database no worker serves (tiny 16-d model, 640×480 JPEGs): one batch step of `fill` over the new rows, "
+            "and an empty claim (nothing to do: every idle pass and wake-up), with the pending index `watch` creates and "
+            "without it (0.1.0's claim, a scan), in the same run.\n\n"
+            "| | with the pending index | without (a scan) | ratio |\n|---|---|---|---|\n"
+            f"| batch step over {pending} new rows (ms) | {with_index[0]:.1f} | {without[0]:.1f} | **{without[0] / with_index[0]:.1f}×** |\n"
+            f"| empty claim (ms) | {with_index[1]:.2f} | {without[1]:.2f} | **{without[1] / with_index[1]:.0f}×** |\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=240, help="images per throughput measurement")
@@ -218,7 +268,26 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="images per model run (Python and doppler alike)")
     ap.add_argument("--models", default="resnet50,efficientnet_lite0")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
+    ap.add_argument("--claim-rows", type=int, default=1_000_000, help="rows of the large table for the claim costs")
+    ap.add_argument("--only", choices=["claims"], help="measure only this, and replace its section of --out")
     a = ap.parse_args()
+    if a.only == "claims":
+        c = Cluster(worker_db="worker")
+        try:
+            with c.connect("postgres") as pg:
+                pg.execute("CREATE DATABASE bench")
+            with c.connect("bench") as db:
+                db.execute("CREATE EXTENSION doppler")
+            section = claim_costs(c, a.claim_rows)
+        finally:
+            c.destroy()
+        print(section)
+        old = open(a.out).read() if os.path.exists(a.out) else ""
+        head, _, rest = old.partition(CLAIMS_HEAD)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        with open(a.out, "w") as f:
+            f.write(head.rstrip("\n") + "\n\n" + section + tail)
+        return
     paths = make_images(a.images, f"{DEPS}/bench-images")
     singles = [p for p in make_images(a.images, f"{DEPS}/bench-images") if "_640x480.jpg" in p][:20]
     c = Cluster(worker_db="worker", extra_conf=f"doppler.worker_intra_op_threads = {a.threads}\n"
@@ -241,6 +310,7 @@ def main():
             print(results[model], flush=True)
         draft = draft_effect(c, paths, "efficientnet_lite0", a.threads, a.batch) if "efficientnet_lite0" in results else []
         writer = writer_costs(c, paths[:48], a.rows, a.threads, a.batch)
+        claims = claim_costs(c, a.claim_rows)
     finally:
         c.destroy()
 
@@ -296,7 +366,7 @@ ratios within this one run are what count, not the absolute figures.
 - Peak RSS is the worker process's VmHWM over its life: it measured ResNet-50 first, then EfficientNet-Lite0, so the
   second figure includes the first (shared buffers it touched count too).
 """
-    text = head + body + dr + wr + notes
+    text = head + body + dr + wr + "\n" + claims + notes
     print(text)
     with open(a.out, "w") as f:
         f.write(text)

@@ -3,6 +3,12 @@
 -- 0.2.0 and 0.1.0 + this script give the same catalog (tests/integration/test_upgrade.py).
 \echo Use "ALTER EXTENSION doppler UPDATE TO '0.2.0'" to load this file. \quit
 
+-- Claims look for rows without a vector (or hash) through a partial index (created by
+-- doppler.watch), and scan the table for vectors of another model only until one such scan
+-- finds none for the current model tag, which is recorded here. (Tables watched under 0.1.0
+-- get their index when watched again; until then their claims scan as before.)
+ALTER TABLE @extschema@.watched ADD COLUMN stale_scan text;
+
 -- The stale-clearing trigger is C and reads its columns from doppler.watched when it fires
 -- (0.1.0's took them as trigger arguments, which a RENAME COLUMN left stale). The triggers
 -- 0.1.0 created keep their arguments, which are ignored now.

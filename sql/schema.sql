@@ -37,7 +37,8 @@ CREATE TABLE @extschema@.watched (
     model_column   name NOT NULL,   -- text column: name@version of the model that made each row's vector
     batch_size     int NOT NULL CHECK (batch_size BETWEEN 1 AND 4096),
     priority       int NOT NULL DEFAULT 0,
-    watched_since  timestamptz NOT NULL DEFAULT now()
+    watched_since  timestamptz NOT NULL DEFAULT now(),
+    stale_scan     text             -- the model tag for which no vector of another model is left; NULL: look again
 );
 COMMENT ON TABLE @extschema@.watched IS 'Tables whose vector column doppler fills; change it with doppler.watch() and doppler.unwatch().';
 

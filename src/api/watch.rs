@@ -341,6 +341,30 @@ fn _watch(
             .unwrap_or_else(|e| pgrx::error!("could not index the hash column of {name}: {e}"));
         }
     }
+    // Claims find the rows without a vector through a partial index over exactly those rows (kept
+    // when it exists for these columns; built again when the source or vector column changed).
+    let moved = current.as_ref().is_some_and(|w| {
+        w.vector_column != vector_column
+            || w.source_column != source_column
+            || w.hash_column.as_deref() != hash_column
+    });
+    let existing = pending_indexes(relid);
+    if moved || existing.is_empty() {
+        as_owner(rel.owner, || {
+            for i in &existing {
+                Spi::run(&format!("DROP INDEX {i}"))?;
+            }
+            create_pending_index(
+                name,
+                relid,
+                &keys,
+                source_column,
+                vector_column,
+                hash_column,
+            )
+        })
+        .unwrap_or_else(|e| pgrx::error!("could not index the pending rows of {name}: {e}"));
+    }
     let key_type = if keys.len() == 1 {
         column_type(relid, &keys[0]).map(|(_, shown, _)| shown)
     } else {
@@ -378,6 +402,17 @@ fn _watch(
         )
     })
     .unwrap_or_else(|e| pgrx::error!("could not register {name}: {e}"));
+    // look for vectors of another model again (not in a database whose SQL is still 0.1.0)
+    if crate::privileged::extension_version().as_deref() != Some("0.1.0") {
+        as_catalog(owner, || {
+            Spi::run_with_args(
+                "UPDATE doppler.watched SET stale_scan = NULL
+                 WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+                &[relid.into()],
+            )
+        })
+        .unwrap_or_else(|e| pgrx::error!("could not register {name}: {e}"));
+    }
     let w = batch::load_watched(Some(relid))
         .into_iter()
         .next()
@@ -391,11 +426,90 @@ fn _watch(
     )
 }
 
+/// What the pending index's comment says: doppler finds its index by it (names are the user's,
+/// and a comment survives pg_dump and restore).
+const PENDING_COMMENT: &str = "doppler: the rows whose vector is to be computed";
+
+/// The pending indexes of a table (quoted qualified names): partial indexes over the rows
+/// without a vector, which claims use.
+fn pending_indexes(relid: pg_sys::Oid) -> Vec<String> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
+             FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
+             WHERE i.indrelid OPERATOR(pg_catalog.=) $1
+               AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2",
+            None,
+            &[relid.into(), PENDING_COMMENT.into()],
+        )?
+        .map(|r| r.get::<String>(1).map(|n| n.unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("could not read the indexes of relation {}: {e}", relid.to_u32()))
+}
+
+/// Builds the pending index: `(key) WHERE (vector IS NULL [OR hash IS NULL]) AND source IS NOT
+/// NULL`, named after the table (a free name in its schema). As the table owner.
+fn create_pending_index(
+    table: &str,
+    relid: pg_sys::Oid,
+    keys: &[String],
+    source_column: &str,
+    vector_column: &str,
+    hash_column: Option<&str>,
+) -> Result<(), pgrx::spi::Error> {
+    let index = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.quote_ident(pg_catalog.left(c.relname, 40) OPERATOR(pg_catalog.||) '_doppler_pending'
+                OPERATOR(pg_catalog.||) CASE WHEN s.n OPERATOR(pg_catalog.=) 0 THEN '' ELSE '_' OPERATOR(pg_catalog.||) s.n END)
+         FROM pg_catalog.pg_class c, pg_catalog.generate_series(0, 1000) s(n)
+         WHERE c.oid OPERATOR(pg_catalog.=) $1
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_class o
+                           WHERE o.relnamespace OPERATOR(pg_catalog.=) c.relnamespace
+                             AND o.relname OPERATOR(pg_catalog.=) (pg_catalog.left(c.relname, 40) OPERATOR(pg_catalog.||) '_doppler_pending'
+                                 OPERATOR(pg_catalog.||) CASE WHEN s.n OPERATOR(pg_catalog.=) 0 THEN '' ELSE '_' OPERATOR(pg_catalog.||) s.n END)::pg_catalog.name)
+         ORDER BY s.n LIMIT 1",
+        &[relid.into()],
+    )?
+    .unwrap_or_else(|| pgrx::error!("no free name for the pending index of {table}"));
+    let cols: Vec<String> = keys.iter().map(quote_identifier).collect();
+    let pending = match hash_column {
+        Some(h) => format!(
+            "({} IS NULL OR {} IS NULL)",
+            quote_identifier(vector_column),
+            quote_identifier(h)
+        ),
+        None => format!("{} IS NULL", quote_identifier(vector_column)),
+    };
+    Spi::run(&format!(
+        "CREATE INDEX {index} ON {table} ({}) WHERE {pending} AND {} IS NOT NULL",
+        cols.join(", "),
+        quote_identifier(source_column)
+    ))?;
+    let schema_index = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('%I.', n.nspname) FROM pg_catalog.pg_class c
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[relid.into()],
+    )?
+    .unwrap_or_default()
+        + &index;
+    Spi::run(&format!(
+        "COMMENT ON INDEX {schema_index} IS {}",
+        pgrx::spi::quote_literal(PENDING_COMMENT)
+    ))
+}
+
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn _unwatch(relid: pg_sys::Oid) -> bool {
     let rel = owned_table(relid);
-    as_owner(rel.owner, || triggers::drop_all(&rel.name));
+    as_owner(rel.owner, || {
+        triggers::drop_all(&rel.name);
+        for i in pending_indexes(relid) {
+            Spi::run(&format!("DROP INDEX {i}"))
+                .unwrap_or_else(|e| pgrx::error!("could not drop index {i}: {e}"));
+        }
+    });
     as_catalog(extension_owner(), || {
         let this = "relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass";
         Spi::run_with_args(

@@ -44,6 +44,12 @@ pub struct Watched {
     pub model: String,
     /// The text column tagging each vector with the model that made it (name@version).
     pub model_column: String,
+    /// For which model tag and hash column the last scan for outdated vectors and missing
+    /// hashes found none ([`Watched::stale_signature`]); None: scan again.
+    pub stale_scan: Option<String>,
+    /// Whether doppler.watched has that column (not before `ALTER EXTENSION doppler UPDATE`
+    /// from 0.1.0: claims then scan as 0.1.0's did).
+    pub has_stale_scan: bool,
 }
 
 // Read under the pinned search_path (as_catalog), so format_type() qualifies every type that is
@@ -57,7 +63,10 @@ const WATCHED_SQL: &str = "
              WHERE ka.attrelid OPERATOR(pg_catalog.=) c.oid AND ka.attname OPERATOR(pg_catalog.=) w.key_columns[1]
                AND pg_catalog.cardinality(w.key_columns) OPERATOR(pg_catalog.=) 1),
            w.mode, w.on_error, w.hash_column::pg_catalog.text, w.dedup,
-           w.model, w.model_column::pg_catalog.text
+           w.model, w.model_column::pg_catalog.text,
+           -- (by name from the row: a database whose SQL is still 0.1.0 has no such column)
+           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'stale_scan',
+           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.?) 'stale_scan'
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -104,6 +113,8 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
                     dedup: r.get(16)?.unwrap_or(false),
                     model: r.get(17)?.unwrap_or_default(),
                     model_column: r.get(18)?.unwrap_or_default(),
+                    stale_scan: r.get(19)?,
+                    has_stale_scan: r.get(20)?.unwrap_or(false),
                 });
             }
             Ok::<_, pgrx::spi::Error>(out)
@@ -130,6 +141,26 @@ impl Watched {
             format!("{}::pg_catalog.text", cols[0])
         } else {
             format!("ROW({})::pg_catalog.text", cols.join(", "))
+        }
+    }
+
+    /// What a scan for vectors of another model depends on: the model tag. Once a scan for it
+    /// finds no such row, claims look only at the pending rows (through the pending index) until
+    /// the tag changes or `watch` runs.
+    pub fn stale_signature(&self, tag: &str) -> String {
+        tag.to_string()
+    }
+
+    /// The rows the pending index covers, over alias `t`: no vector, or no hash (with a hash
+    /// column). Its predicate adds `source IS NOT NULL`.
+    pub fn pending_over(&self, alias: &str) -> String {
+        let vec = quote_identifier(&self.vector_column);
+        match &self.hash_column {
+            Some(h) => format!(
+                "({alias}.{vec} IS NULL OR {alias}.{} IS NULL)",
+                quote_identifier(h)
+            ),
+            None => format!("{alias}.{vec} IS NULL"),
         }
     }
 
@@ -325,7 +356,17 @@ pub fn run_batch(
     let spec = w.spec();
     let tag = spec.tag();
     // claim: as the table owner (its casts, operators and policies run with its own rights)
-    let claimed = as_owner(w.owner, || claim(w, limit, only, &tag));
+    let (claimed, no_stale) = as_owner(w.owner, || claim(w, limit, only, &tag));
+    if let Some(signature) = no_stale {
+        as_catalog(catalog_role, || {
+            Spi::run_with_args(
+                "UPDATE doppler.watched SET stale_scan = $2
+                 WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+                &[w.relid.into(), signature.as_str().into()],
+            )
+        })
+        .unwrap_or_else(|e| pgrx::error!("doppler: could not update doppler.watched: {e}"));
+    }
     if claimed.is_empty() {
         return BatchReport::default();
     }
@@ -547,7 +588,68 @@ pub fn run_batch(
     report
 }
 
-fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Claimed> {
+/// Claims up to `limit` rows to embed (locked, FOR UPDATE SKIP LOCKED), as the table owner:
+/// 1. rows without a vector (or without a hash), through the pending index `watch` creates (a
+///    partial index over exactly those rows), so the cost follows the batch, not the table;
+/// 2. if that leaves room, rows whose vector is from another model: a scan of the table, done
+///    until one finds none for this model tag (recorded in doppler.watched; a new model version
+///    changes the tag, `watch` clears it).
+///
+/// With `only` (the sync trigger's rows), one query over those keys. Runs as the table owner;
+/// returns the rows, and the signature to record when the scan found no outdated row.
+fn claim(
+    w: &Watched,
+    limit: i64,
+    only: Option<&[String]>,
+    tag: &str,
+) -> (Vec<Claimed>, Option<String>) {
+    if only.is_some() {
+        return (claim_where(w, limit, only, tag, None), None);
+    }
+    let mut no_stale = None;
+    let pending = w.pending_over("t");
+    let mut rows = claim_where(w, limit, None, tag, Some(&pending));
+    let signature = w.stale_signature(tag);
+    if (rows.len() as i64) < limit && w.stale_scan.as_deref() != Some(signature.as_str()) {
+        // (not the pending rows: phase 1's are locked by this transaction, and would come again)
+        let more = claim_where(
+            w,
+            limit - rows.len() as i64,
+            None,
+            tag,
+            Some(&format!("NOT {pending}")),
+        );
+        if more.is_empty() && w.has_stale_scan && !any_stale(w, tag) {
+            no_stale = Some(signature);
+        }
+        rows.extend(more);
+    }
+    (rows, no_stale)
+}
+
+/// Whether any row outside the pending index has a vector from another model (failed or locked
+/// rows included: only a table without any may skip the scan). Called as the table owner.
+fn any_stale(w: &Watched, tag: &str) -> bool {
+    let current = w.current_vector_over("t", &quote_literal(tag));
+    w.check_name();
+    Spi::get_one::<bool>(&format!(
+        "SELECT EXISTS (SELECT FROM {} t WHERE NOT {} AND t.{} IS NOT NULL AND NOT {current})",
+        w.name,
+        w.pending_over("t"),
+        quote_identifier(&w.source_column)
+    ))
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not scan {}: {e}", w.name))
+    .unwrap_or(true)
+}
+
+/// One claim query: the rows to do (`narrow`: and this condition over alias `t`).
+fn claim_where(
+    w: &Watched,
+    limit: i64,
+    only: Option<&[String]>,
+    tag: &str,
+    narrow: Option<&str>,
+) -> Vec<Claimed> {
     let key = w.key_expr();
     let src = quote_identifier(&w.source_column);
     let shown = w.shown_expr();
@@ -560,6 +662,7 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Cla
         ),
         (Some(_), None) => format!("AND {key} = ANY ($3::pg_catalog.text[])"),
     };
+    let narrow = narrow.map(|n| format!("{n} AND")).unwrap_or_default();
     let current = w.current_vector_over("t", &quote_literal(tag));
     let (hash_sel, todo) = match &w.hash_column {
         Some(h) => {
@@ -580,7 +683,7 @@ fn claim(w: &Watched, limit: i64, only: Option<&[String]>, tag: &str) -> Vec<Cla
     let sql = format!(
         "SELECT t.ctid::pg_catalog.text, t.tableoid, {key}, t.{src}, {shown}, {hash_sel}, {current}
          FROM {table} t
-         WHERE {todo} AND t.{src} IS NOT NULL {only_filter}
+         WHERE {narrow} {todo} AND t.{src} IS NOT NULL {only_filter}
            AND NOT EXISTS (SELECT FROM doppler.failures f
                            WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
                              AND f.row_key OPERATOR(pg_catalog.=) {key}
