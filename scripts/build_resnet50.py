@@ -9,6 +9,7 @@
   benchmarks need. The real ImageNet weights come from scripts/export_resnet50.py.
 * --tiny: a small conv net with the same input and a 16-d output, for fast model-switch tests.
 * --wrong-shape: a model whose input is [N,1,28,28], for the "model does not fit" error test.
+* --tiny-wide: as cheap as --tiny, with 2048 features (the scale benchmark).
 """
 import argparse
 
@@ -91,6 +92,16 @@ def tiny(seed):
     return b, 3, 224, 16, "doppler-tiny"
 
 
+def tiny_wide(seed):
+    """tiny's cost with ResNet-50's output: 2048 features (for benchmarks of the database side)."""
+    b = Builder(seed)
+    x = b.conv_bn("input", 3, 8, 3, 2, 1)
+    x = b.conv_bn(x, 8, 16, 3, 2, 1)
+    x = b.conv_bn(x, 16, 2048, 1, 4, 0)
+    b.head(x)
+    return b, 3, 224, 2048, "doppler-tiny-wide"
+
+
 def wrong_shape(seed):
     b = Builder(seed)
     x = b.conv_bn("input", 1, 8, 3, 1, 1)
@@ -105,8 +116,9 @@ def main():
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--tiny", action="store_true")
     g.add_argument("--wrong-shape", action="store_true")
+    g.add_argument("--tiny-wide", action="store_true")
     a = ap.parse_args()
-    make = tiny if a.tiny else wrong_shape if a.wrong_shape else resnet50
+    make = tiny if a.tiny else wrong_shape if a.wrong_shape else tiny_wide if a.tiny_wide else resnet50
     b, ch, size, dim, name = make(a.seed)
     inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", ch, size, size])
     out = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])

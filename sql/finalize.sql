@@ -104,35 +104,53 @@ COMMENT ON FUNCTION @extschema@.wake() IS
   'Wake this database''s doppler worker now instead of at its next nap. Returns how many workers were woken.';
 
 -- Reverse image search and near-duplicates (Rust in src/api/search.rs).
-CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2')
+CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, metric text DEFAULT 'l2',
+                                    filter jsonb DEFAULT NULL)
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql VOLATILE STRICT PARALLEL RESTRICTED ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
-CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2')
+LANGUAGE sql VOLATILE PARALLEL RESTRICTED ROWS 12
+AS $$ SELECT s.* FROM (SELECT WHERE tbl IS NOT NULL AND query IS NOT NULL AND k IS NOT NULL AND metric IS NOT NULL) g,
+      LATERAL @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::text) s $$;
+CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2',
+                                    filter jsonb DEFAULT NULL)
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric) $$;
-CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2')
+LANGUAGE sql STABLE PARALLEL RESTRICTED ROWS 12
+AS $$ SELECT s.* FROM (SELECT WHERE tbl IS NOT NULL AND query IS NOT NULL AND k IS NOT NULL AND metric IS NOT NULL) g,
+      LATERAL @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::text) s $$;
+CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2',
+                                    filter jsonb DEFAULT NULL)
 RETURNS TABLE (row_key text, source text, distance float8)
-LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric) $$;
-COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text) IS
-  'The k rows of a watched table nearest to the image at this server path (features by the table''s model; euclidean distance as the seed, or metric => ''cosine''; rows whose vector is from an older model are left out until re-embedded). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns.';
-COMMENT ON FUNCTION @extschema@.similar(regclass, bytea, int, text) IS 'The k rows nearest to these image bytes; see similar(regclass, text, ...).';
-COMMENT ON FUNCTION @extschema@.similar(regclass, real[], int, text) IS 'The k rows nearest to this feature vector; see similar(regclass, text, ...).';
+LANGUAGE sql STABLE PARALLEL RESTRICTED ROWS 12
+AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric, filter::text) $$;
+COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text, jsonb) IS
+  'The k rows of a watched table nearest to the image at this server path (features by the table''s model; euclidean distance as the seed, or metric => ''cosine''; rows whose vector is from an older model are left out until re-embedded), optionally only rows whose columns equal filter''s values (filter => ''{"site": "example.org"}''). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns, with pgvector 0.8''s iterative scan so that filtered-out rows do not cost results.';
+COMMENT ON FUNCTION @extschema@.similar(regclass, bytea, int, text, jsonb) IS 'The k rows nearest to these image bytes; see similar(regclass, text, ...).';
+COMMENT ON FUNCTION @extschema@.similar(regclass, real[], int, text, jsonb) IS 'The k rows nearest to this feature vector; see similar(regclass, text, ...).';
 
 CREATE FUNCTION @extschema@.create_index(tbl regclass, metric text DEFAULT 'l2') RETURNS text
 LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
 RETURN @extschema@._create_index(tbl::oid, metric);
 COMMENT ON FUNCTION @extschema@.create_index(regclass, text) IS
-  'Build pgvector''s HNSW index for a watched table: USING hnsw ((col::halfvec(n)) halfvec_l2_ops) for vector(n) columns (a 2048-d vector is over pgvector''s 2000-dimension index limit; halfvec is not), or on the halfvec column itself. doppler.similar uses it. Returns the index name.';
+  'Build pgvector''s HNSW index for a watched table: USING hnsw ((col::halfvec(n)) halfvec_l2_ops) for vector(n) columns (a 2048-d vector is over pgvector''s 2000-dimension index limit; halfvec is not), or on the halfvec column itself. doppler.similar uses it. metric => ''hamming'': a GIN index over four 16-bit chunks of the hash column, for doppler.near_duplicates. As the table owner; CREATE INDEX blocks writes to the table while it builds. Returns the index name.';
 
 CREATE FUNCTION @extschema@.duplicates(tbl regclass, max_bits int DEFAULT 4)
 RETURNS TABLE (group_id int, size int, row_keys text[], hashes text[])
 LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
 AS $$ SELECT * FROM @extschema@._duplicates(tbl::oid, max_bits) $$;
 COMMENT ON FUNCTION @extschema@.duplicates(regclass, int) IS
-  'Groups of rows whose dHashes are within max_bits of each other, most-posted first (the seed''s most re-posted images). Skip hashes are left out.';
+  'Groups of rows whose dHashes are within max_bits of each other, most-posted first (the seed''s most re-posted images). Skip hashes are left out. Exact, by multi-index hashing in memory.';
+
+CREATE FUNCTION @extschema@.near_duplicates(tbl regclass, hash text, max_bits int DEFAULT 4)
+RETURNS TABLE (row_key text, source text, hash text, distance int)
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::oid, hash, max_bits) $$;
+CREATE FUNCTION @extschema@.near_duplicates(tbl regclass, image bytea, max_bits int DEFAULT 4)
+RETURNS TABLE (row_key text, source text, hash text, distance int)
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::oid, @extschema@.dhash(image), max_bits) $$;
+COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, text, int) IS
+  'The rows whose dHash is within max_bits of this one (16 hex digits), nearest first; skip hashes are left out. Exact; served by the index of doppler.create_index(tbl, ''hamming'') up to max_bits 11, else a scan.';
+COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, bytea, int) IS
+  'The rows whose dHash is within max_bits of these image bytes'' dHash; see near_duplicates(regclass, text, int).';
 
 COMMENT ON FUNCTION @extschema@.dhash(text) IS 'imagehash''s dHash (hash_size 8) of the image file at this server path, as 16 hex digits; equal to str(imagehash.dhash(PIL.Image.open(path))).';
 COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8) of these image bytes, as 16 hex digits.';
@@ -153,10 +171,11 @@ SELECT w.relid AS table_name,
        coalesce(b.inferences_saved, 0) AS inferences_saved,
        b.last_batch_at,
        b.recent_images_per_sec,
-       @extschema@._worker_pid() AS worker_pid
+       @extschema@._worker_pid() AS worker_pid,
+       c.exact
 FROM @extschema@.watched w
 JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
-CROSS JOIN LATERAL @extschema@._counts(w.relid::pg_catalog.oid) c
+CROSS JOIN LATERAL @extschema@._status(w.relid::pg_catalog.oid) c
 LEFT JOIN LATERAL (
     SELECT count(*) FILTER (WHERE next_attempt IS NULL AND error_class <> 'skip_hash') AS failed,
            count(*) FILTER (WHERE next_attempt IS NOT NULL) AS retrying,
@@ -170,7 +189,7 @@ LEFT JOIN LATERAL (
     FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true
 WHERE pg_catalog.pg_has_role(r.relowner, 'USAGE') OR pg_catalog.has_table_privilege(r.oid, 'SELECT');
 COMMENT ON VIEW @extschema@.status IS
-  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid.';
+  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid, and whether the counts are exact (exact): tables over doppler.status_exact_rows rows get the planner''s row estimate, exact pending counts through the pending index, and done derived from both.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
 -- A procedure with SET search_path cannot COMMIT, so this one runs under its caller's path and
@@ -324,6 +343,6 @@ CREATE POLICY failures_of_own_tables ON @extschema@.failures FOR SELECT
                                    WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE'));
 -- Internal functions: those the public wrappers need check the caller's rights inside
 -- (_watch, _unwatch, _retry_failed, _fill_batch, _create_index: ownership; _similar,
--- _duplicates, _counts: SELECT); the rest are not for PUBLIC.
+-- _duplicates, _near_duplicates, _counts, _status: SELECT); the rest are not for PUBLIC.
 REVOKE ALL ON FUNCTION @extschema@._check_model(text) FROM PUBLIC;
 

@@ -68,6 +68,9 @@ pub static SKIP_HASHES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"NOHASH,0000000000000000,nan"));
 /// `doppler.retry_backoff`: delay before the first retry (s); doubles with each attempt.
 pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// `doppler.status_exact_rows`: tables up to this many rows (planner's estimate) are counted
+/// exactly by `doppler.status`; larger ones get estimates. -1: always exact.
+pub static STATUS_EXACT_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ExecutionProvider {
@@ -325,6 +328,16 @@ pub fn init_worker_gucs() {
         c"The seed's skip list: NOHASH, 0000000000000000 (a flat image) and nan.",
         &SKIP_HASHES,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.status_exact_rows",
+        c"doppler.status counts tables up to this many rows exactly; larger ones from the planner's estimates and the pending index.",
+        c"Exact counts scan the whole table. -1: always exact (SET doppler.status_exact_rows = -1 for one exact look).",
+        &STATUS_EXACT_ROWS,
+        -1,
+        i32::MAX,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

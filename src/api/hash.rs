@@ -35,7 +35,7 @@ fn dhash_bytea(image: &[u8]) -> String {
     hash_of(image, &source::describe_bytes(image.len()))
 }
 
-fn parse(h: &str) -> u64 {
+pub(crate) fn parse(h: &str) -> u64 {
     dhash::parse_hex(h).unwrap_or_else(|| {
         raise(
             Error::new(

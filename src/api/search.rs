@@ -14,7 +14,7 @@ use doppler_core::dhash;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 
-use crate::api::watch::owned_table;
+use crate::api::watch::{free_index_name, owned_table};
 use crate::gucs;
 use crate::privileged::{acts_as, as_owner, current_user};
 use crate::worker::batch::{self, Watched};
@@ -65,6 +65,7 @@ fn cosine_distance(a: Vec<f32>, b: Vec<f32>) -> f64 {
 fn readable(relid: pg_sys::Oid) -> Watched {
     let w = watched(relid);
     if acts_as(current_user(), w.owner) {
+        lock_for_reading(relid);
         return w;
     }
     let (may_select, rls) = Spi::get_two_with_args::<bool, bool>(
@@ -87,7 +88,17 @@ fn readable(relid: pg_sys::Oid) -> Watched {
             "doppler searches a table as its owner; with row-level security in force only the owner may.",
         );
     }
+    lock_for_reading(relid);
     w
+}
+
+/// Locks a table the caller may read (ACCESS SHARE, until the transaction ends), so that it is not
+/// dropped or altered under the statements doppler runs by its name; each of those checks first
+/// that the name still means this table ([`Watched::check_name`]). Only after the privilege
+/// checks: a role must not be able to hold locks on tables it may not read.
+pub fn lock_for_reading(relid: pg_sys::Oid) {
+    // SAFETY: a lock on an oid that may not exist (any more) is harmless.
+    unsafe { pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
 }
 
 fn watched(relid: pg_sys::Oid) -> Watched {
@@ -104,6 +115,19 @@ fn watched(relid: pg_sys::Oid) -> Watched {
                 "doppler.similar and doppler.duplicates work on watched tables (doppler.watch).",
             )
         })
+}
+
+/// The source as the search functions show it, over alias `t`: the path, or the size of the
+/// image bytes.
+fn source_text(w: &Watched) -> String {
+    if w.source_kind == "bytea" {
+        format!(
+            "pg_catalog.format('bytea, %s bytes', pg_catalog.octet_length(t.{}))",
+            quote_identifier(&w.source_column)
+        )
+    } else {
+        format!("t.{}::pg_catalog.text", quote_identifier(&w.source_column))
+    }
 }
 
 /// The HNSW index doppler would use for `w`'s vector column and metric, if one exists.
@@ -137,8 +161,10 @@ fn search(
     q: Vec<f32>,
     k: i32,
     metric: &str,
+    filter: Option<&str>,
 ) -> Vec<(String, Option<String>, f64)> {
     let w = readable(relid);
+    let filter_sql = filter.map(|f| filter_over(&w, f, "$3"));
     let cosine = match metric {
         "l2" => false,
         "cosine" => true,
@@ -149,14 +175,7 @@ fn search(
         ),
     };
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
-    let src = if w.source_kind == "bytea" {
-        format!(
-            "pg_catalog.format('bytea, %s bytes', pg_catalog.octet_length(t.{}))",
-            quote_identifier(&w.source_column)
-        )
-    } else {
-        format!("t.{}::pg_catalog.text", quote_identifier(&w.source_column))
-    };
+    let src = source_text(&w);
     let key = w.key_expr();
     // pgvector's names, qualified: the scan runs under the pinned search_path
     let nsp = &w.vector_schema;
@@ -196,13 +215,27 @@ fn search(
     };
     // only vectors of the table's current model (during a re-embed, old ones are skipped)
     let current = w.current_vector_over("t", &quote_literal(w.spec().tag()));
+    let filtered = filter_sql.map(|f| format!(" AND {f}")).unwrap_or_default();
     let sql = format!(
-        "SELECT {key}, {src}, {distance}::pg_catalog.float8 FROM {table} t WHERE {current} ORDER BY {order} LIMIT $2",
+        "SELECT {key}, {src}, {distance}::pg_catalog.float8 FROM {table} t WHERE {current}{filtered} ORDER BY {order} LIMIT $2",
         table = w.name
     );
-    as_owner(w.owner, || {
+    // The HNSW index yields hnsw.ef_search candidates, and the filters (stale vectors, the
+    // caller's filter) may drop most of them: pgvector 0.8's iterative scan goes on until k rows
+    // pass (up to hnsw.max_scan_tuples), in exact distance order. For this query only.
+    let before = if w.vector_kind != "real[]" {
+        iterative_scan()
+    } else {
+        None
+    };
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![q.into(), (k.max(0) as i64).into()];
+    if let Some(f) = filter {
+        args.push(f.into());
+    }
+    let found = as_owner(w.owner, || {
+        w.check_name();
         Spi::connect(|c| {
-            c.select(&sql, None, &[q.into(), (k.max(0) as i64).into()])?
+            c.select(&sql, None, &args)?
                 .map(|r| {
                     Ok((
                         r.get::<String>(1)?.unwrap_or_default(),
@@ -213,11 +246,120 @@ fn search(
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name))
+    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name));
+    restore_setting(before);
+    found
+}
+
+/// `hnsw.iterative_scan = strict_order` for the next query, when the installed pgvector has it
+/// (0.8 and later). Loading pgvector first registers its settings. Returns what
+/// [`restore_setting`] puts back.
+fn iterative_scan() -> Option<(&'static str, String)> {
+    // pgvector's own type, by its extension's schema: never the column type's schema, which the
+    // table owner chooses (a domain named vector there would run the owner's CHECK as the caller)
+    let schema = Spi::get_one::<String>(
+        "SELECT pg_catalog.quote_ident(n.nspname::pg_catalog.text) FROM pg_catalog.pg_extension e
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+         WHERE e.extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name",
+    )
+    .ok()
+    .flatten()?;
+    Spi::get_one::<String>(&format!("SELECT '[0]'::{schema}.vector::pg_catalog.text")).ok()?;
+    set_for_query("hnsw.iterative_scan", "strict_order")
+}
+
+/// Sets a planner or pgvector setting for the query that follows (transaction-local, so an error
+/// also undoes it); None when the setting does not exist here.
+fn set_for_query(name: &'static str, value: &str) -> Option<(&'static str, String)> {
+    let before = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.current_setting($1, true)",
+        &[name.into()],
+    )
+    .ok()
+    .flatten()?;
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config($1, $2, true)",
+        &[name.into(), value.into()],
+    )
+    .ok()?;
+    Some((name, before))
+}
+
+fn restore_setting(before: Option<(&'static str, String)>) {
+    if let Some((name, value)) = before {
+        let _ = Spi::run_with_args(
+            "SELECT pg_catalog.set_config($1, $2, true)",
+            &[name.into(), value.as_str().into()],
+        );
+    }
+}
+
+/// `similar`'s filter: a JSON object of column → value; a row passes when each named column
+/// equals the value, converted to that column's type (and only that column's) by
+/// jsonb_to_record, once per query. The JSON is read by PostgreSQL (exact numbers, its own
+/// errors), keys are checked against the table's columns and quoted, and values travel as the
+/// parameter `param` (text), never in the SQL text. A JSON null matches nothing (`= NULL`).
+fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
+    let keys = Spi::connect(|c| {
+        let kind = c
+            .select(
+                "SELECT pg_catalog.jsonb_typeof($1::pg_catalog.jsonb)",
+                Some(1),
+                &[filter.into()],
+            )?
+            .first()
+            .get::<String>(1)?;
+        if kind.as_deref() != Some("object") {
+            return Ok(None);
+        }
+        // each key with its column's type, NULL where the table has no such column
+        c.select(
+            "SELECT k, (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid OPERATOR(pg_catalog.=) $2 AND a.attname::pg_catalog.text OPERATOR(pg_catalog.=) k
+                          AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped)
+             FROM pg_catalog.jsonb_object_keys($1::pg_catalog.jsonb) k ORDER BY k",
+            None,
+            &[filter.into(), w.relid.into()],
+        )?
+        .map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?)))
+        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        .map(Some)
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler.similar: could not read the filter: {e}"));
+    let Some(keys) = keys else {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "filter must be a JSON object of column names and values".into(),
+            "For example: filter => '{\"site\": \"example.org\"}'.",
+        )
+    };
+    let mut conds = Vec::new();
+    for (col, typ) in keys {
+        let Some(typ) = typ else {
+            fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!(
+                    "column {} of table {} does not exist",
+                    quote_identifier(&col),
+                    w.name
+                ),
+                "The filter's keys are column names of the table.",
+            )
+        };
+        let c = quote_identifier(&col);
+        conds.push(format!(
+            "t.{c} OPERATOR(pg_catalog.=) (SELECT r.{c} FROM pg_catalog.jsonb_to_record({param}::pg_catalog.jsonb) AS r({c} {typ}))"
+        ));
+    }
+    if conds.is_empty() {
+        "true".into()
+    } else {
+        conds.join(" AND ")
+    }
 }
 
 /// The k rows nearest to a feature vector (the SQL overloads for paths and bytes extract the
-/// query's features first, with extract_features' privileges and limits).
+/// query's features first, with extract_features' privileges and limits). 0.2.0's signature.
 #[pg_extern(name = "_similar", stable, strict, parallel_restricted)]
 #[search_path(pg_catalog, pg_temp)]
 fn similar_vector(
@@ -233,7 +375,32 @@ fn similar_vector(
         name!(distance, f64),
     ),
 > {
-    TableIterator::new(search(relid, query, k, metric))
+    TableIterator::new(search(relid, query, k, metric, None))
+}
+
+/// The same with a filter on other columns (jsonb as text, so that PostgreSQL reads it; NULL:
+/// none).
+#[pg_extern(name = "_similar", stable, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
+fn similar_vector_filtered(
+    relid: Option<pg_sys::Oid>,
+    query: Option<Vec<f32>>,
+    k: Option<i32>,
+    metric: Option<&str>,
+    filter: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(distance, f64),
+    ),
+> {
+    // strict in all but the filter
+    let (Some(relid), Some(query), Some(k), Some(metric)) = (relid, query, k, metric) else {
+        return TableIterator::new(Vec::new());
+    };
+    TableIterator::new(search(relid, query, k, metric, filter))
 }
 
 /// Builds pgvector's HNSW index for a watched table's vector column; returns its name.
@@ -242,12 +409,14 @@ fn similar_vector(
 fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     owned_table(relid);
     let w = watched(relid);
+    lock_for_reading(relid);
     let ops = match metric {
+        "hamming" => return create_hash_index(&w),
         "l2" => "halfvec_l2_ops",
         "cosine" => "halfvec_cosine_ops",
         _ => fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("metric must be l2 or cosine, not \"{metric}\""),
+            format!("metric must be l2, cosine or hamming, not \"{metric}\""),
             "",
         ),
     };
@@ -310,74 +479,260 @@ fn _duplicates(
             "doppler.watch(tbl, ..., hash_column => 'd_hash') makes the worker fill one.",
         )
     };
+    // Read in chunks of 1 024 heap pages (of each partition), each as two arrays: one SPI row per chunk instead of
+    // one per table row (SPI's per-row cost dominated on millions of rows), and no array near
+    // the 1 GB limit of a value however large the table.
     let sql = format!(
-        "SELECT {key}, t.{h}::pg_catalog.text FROM {table} t WHERE t.{h} IS NOT NULL",
+        "SELECT pg_catalog.array_agg({key}), pg_catalog.array_agg(t.{h}::pg_catalog.text) FROM {table} t
+         WHERE t.{h} IS NOT NULL
+         GROUP BY t.tableoid, ((t.ctid::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8 OPERATOR(pg_catalog./) 1024)",
         key = w.key_expr(),
         h = quote_identifier(h),
         table = w.name
     );
-    let rows: Vec<(String, String)> = as_owner(w.owner, || {
+    let skip = gucs::skip_hashes();
+    let (mut keys, mut hashes, mut bits) = (Vec::new(), Vec::new(), Vec::new());
+    as_owner(w.owner, || {
+        w.check_name();
         Spi::connect(|c| {
-            c.select(&sql, None, &[])?
-                .map(|r| {
-                    Ok((
-                        r.get::<String>(1)?.unwrap_or_default(),
-                        r.get::<String>(2)?.unwrap_or_default(),
-                    ))
-                })
-                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            for chunk in c.select(&sql, None, &[])? {
+                check_for_interrupts!();
+                let (Some(ks), Some(hs)) = (
+                    chunk.get::<pgrx::Array<&str>>(1)?,
+                    chunk.get::<pgrx::Array<&str>>(2)?,
+                ) else {
+                    continue;
+                };
+                for (key, hash) in ks.iter().zip(hs.iter()) {
+                    let (Some(key), Some(hash)) = (key, hash) else {
+                        continue;
+                    };
+                    if skip.iter().any(|s| s == hash) {
+                        continue;
+                    }
+                    if let Some(b) = dhash::parse_hex(hash) {
+                        keys.push(key.to_string());
+                        hashes.push(hash.to_string());
+                        bits.push(b);
+                    }
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(())
         })
     })
     .unwrap_or_else(|e| pgrx::error!("doppler.duplicates on {}: {e}", w.name));
-    let skip = gucs::skip_hashes();
-    let mut distinct: Vec<(u64, String, Vec<String>)> = Vec::new();
-    let mut index = std::collections::HashMap::new();
-    for (key, hash) in rows {
-        if skip.contains(&hash) {
-            continue;
-        }
-        let Some(bits) = dhash::parse_hex(&hash) else {
-            continue;
-        };
-        let i = *index.entry(bits).or_insert_with(|| {
-            distinct.push((bits, hash.clone(), Vec::new()));
-            distinct.len() - 1
-        });
-        distinct[i].2.push(key);
-    }
-    // union-find over distinct hashes within max_bits
-    let mut parent: Vec<usize> = (0..distinct.len()).collect();
-    fn root(p: &mut [usize], mut i: usize) -> usize {
-        while p[i] != i {
-            p[i] = p[p[i]];
-            i = p[i];
-        }
-        i
-    }
-    for i in 0..distinct.len() {
-        check_for_interrupts!(); // O(n²): cancel and statement_timeout act between rows
-        for j in i + 1..distinct.len() {
-            if dhash::hamming(distinct[i].0, distinct[j].0) <= max_bits.max(0) as u32 {
-                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
-                if a != b {
-                    parent[a] = b;
-                }
-            }
-        }
-    }
-    let mut groups: std::collections::BTreeMap<usize, (Vec<String>, Vec<String>)> =
-        Default::default();
-    for (i, (_, hash, keys)) in distinct.iter().enumerate() {
-        let g = groups.entry(root(&mut parent, i)).or_default();
-        g.0.extend(keys.iter().cloned());
-        g.1.push(hash.clone());
-    }
-    let mut out: Vec<(Vec<String>, Vec<String>)> =
-        groups.into_values().filter(|g| g.0.len() > 1).collect();
+    // exact groups by multi-index hashing (doppler_core::near: the same pairs as comparing all);
+    // cancel and statement_timeout act while pairs are compared
+    let groups = doppler_core::near::groups(&bits, max_bits.clamp(0, 64) as u32, &mut || {
+        check_for_interrupts!();
+    });
+    let mut out: Vec<(Vec<String>, Vec<String>)> = groups
+        .into_iter()
+        .map(|rows| {
+            // one string per hash value (the first row's spelling)
+            let mut seen = std::collections::HashSet::new();
+            let mut hs: Vec<String> = rows
+                .iter()
+                .filter(|&&r| seen.insert(bits[r]))
+                .map(|&r| hashes[r].clone())
+                .collect();
+            hs.sort_unstable();
+            (
+                rows.iter().map(|&r| std::mem::take(&mut keys[r])).collect(),
+                hs,
+            )
+        })
+        .collect();
+    // largest first; ties in the order of their hashes (not of the scan)
     out.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.1.cmp(&b.1)));
     TableIterator::new(
         out.into_iter()
             .enumerate()
             .map(|(i, (keys, hashes))| (i as i32 + 1, keys.len() as i32, keys, hashes)),
     )
+}
+
+/// What the near-duplicate index's comment says: doppler finds its index by it.
+pub const HASH_INDEX_COMMENT: &str = "doppler: dHash chunks for near-duplicate search";
+
+/// The four index tokens of a dHash column (16 hex digits), over `col` (`t."h"` in queries,
+/// `"h"` in the index): `'<chunk>' || <4 hex digits>`, lower case, in the C collation. Built-in
+/// immutable functions only: the index never calls doppler, and never raises on a bad hash.
+fn hash_tokens_expr(col: &str) -> String {
+    let h = format!("pg_catalog.lower(({col})::pg_catalog.text COLLATE pg_catalog.\"C\")");
+    let parts: Vec<String> = (0..doppler_core::near::INDEX_CHUNKS)
+        .map(|i| {
+            format!(
+                "'{i}'::pg_catalog.text OPERATOR(pg_catalog.||) pg_catalog.substr({h}, {}, 4)",
+                1 + 4 * i
+            )
+        })
+        .collect();
+    format!("(ARRAY[{}])", parts.join(", "))
+}
+
+fn hash_column(w: &Watched) -> &str {
+    w.hash_column.as_deref().unwrap_or_else(|| {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("{} is watched without a hash column", w.name),
+            "doppler.watch(tbl, ..., hash_column => 'd_hash') makes the worker fill one.",
+        )
+    })
+}
+
+/// The near-duplicate index of a table's hash column, if one exists (its qualified, quoted
+/// name): found by its comment, over the watch's hash column (an index over a former hash
+/// column does not count).
+fn hash_index(w: &Watched) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
+         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
+         WHERE i.indrelid OPERATOR(pg_catalog.=) $1
+           AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2
+           AND EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attribute a
+                         ON a.attrelid OPERATOR(pg_catalog.=) d.refobjid AND a.attnum OPERATOR(pg_catalog.=) d.refobjsubid
+                       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                         AND d.objid OPERATOR(pg_catalog.=) x.oid AND d.refobjid OPERATOR(pg_catalog.=) $1
+                         AND a.attname OPERATOR(pg_catalog.=) $3::pg_catalog.name)
+         LIMIT 1",
+        &[w.relid.into(), HASH_INDEX_COMMENT.into(), hash_column(w).into()],
+    )
+    .ok()
+    .flatten()
+}
+
+/// Builds the near-duplicate index (GIN over the hash column's four chunk tokens), as the
+/// table's owner; returns its name.
+fn create_hash_index(w: &Watched) -> String {
+    let h = hash_column(w);
+    if let Some(existing) = hash_index(w) {
+        notice!(
+            "doppler: {} already has the near-duplicate index {existing}",
+            w.name
+        );
+        return existing;
+    }
+    let expr = hash_tokens_expr(&quote_identifier(h));
+    as_owner(w.owner, || {
+        let (bare, index) = free_index_name(w.relid, "_doppler_dhash")?;
+        Spi::run(&format!(
+            "CREATE INDEX {bare} ON {} USING gin ({expr})",
+            w.name
+        ))?;
+        Spi::run(&format!(
+            "COMMENT ON INDEX {index} IS {}",
+            quote_literal(HASH_INDEX_COMMENT)
+        ))?;
+        Ok::<_, pgrx::spi::Error>(index)
+    })
+    .unwrap_or_else(|e| {
+        pgrx::error!(
+            "could not create the near-duplicate index on {}: {e}",
+            w.name
+        )
+    })
+}
+
+/// The rows whose dHash is within `max_bits` of `hash`, nearest first. Exact: the index (when
+/// doppler.create_index(tbl, 'hamming') built one) only narrows the candidates, whose distance
+/// is then computed; without it, or beyond what it can serve (max_bits over 11), a scan.
+#[pg_extern(stable, strict, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn _near_duplicates(
+    relid: pg_sys::Oid,
+    hash: &str,
+    max_bits: i32,
+) -> TableIterator<
+    'static,
+    (
+        name!(row_key, String),
+        name!(source, Option<String>),
+        name!(hash, String),
+        name!(distance, i32),
+    ),
+> {
+    let w = readable(relid);
+    let h = hash_column(&w);
+    if max_bits < 0 {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("max_bits must be 0 or more, not {max_bits}"),
+            "",
+        );
+    }
+    let skip = gucs::skip_hashes();
+    if skip.iter().any(|s| s == hash) {
+        return TableIterator::new(Vec::new());
+    }
+    let query = crate::api::hash::parse(hash);
+    let col = format!("t.{}", quote_identifier(h));
+    let src = source_text(&w);
+    // through the index when there is one and the radius suits it; else a scan (evaluating the
+    // tokens of every row would only make the scan slower)
+    let probes = doppler_core::near::probe_tokens(query, max_bits as u32)
+        .filter(|_| hash_index(&w).is_some());
+    let candidates = match &probes {
+        Some(_) => format!(
+            "{} OPERATOR(pg_catalog.&&) $1::pg_catalog.text[]",
+            hash_tokens_expr(&col)
+        ),
+        None => format!("{col} IS NOT NULL AND $1::pg_catalog.text[] IS NULL"),
+    };
+    // the distance in SQL too, so that only the near rows are turned into results (guarded:
+    // a string that is no hash never reaches the bit cast); checked again below
+    let h = format!("({col})::pg_catalog.text COLLATE pg_catalog.\"C\"");
+    let near = format!(
+        "CASE WHEN {h} OPERATOR(pg_catalog.~) '^[0-9a-fA-F]{{16}}$'
+              THEN pg_catalog.bit_count(('x' OPERATOR(pg_catalog.||) {h})::pg_catalog.bit(64)
+                                        OPERATOR(pg_catalog.#) $2::pg_catalog.bit(64)) OPERATOR(pg_catalog.<=) $3
+              ELSE false END"
+    );
+    let sql = format!(
+        "SELECT {key}, {src}, {col}::pg_catalog.text FROM {table} t WHERE {candidates} AND {near}",
+        key = w.key_expr(),
+        table = w.name
+    );
+    // GIN cannot estimate an overlap with hundreds of tokens (it guesses a third of the table),
+    // and on smaller tables the planner would scan, computing every row's tokens: the index is
+    // always the cheaper way, and the answer is the same either way
+    let before = probes
+        .as_ref()
+        .and_then(|_| set_for_query("enable_seqscan", "off"));
+    let rows: Vec<(String, Option<String>, String)> = as_owner(w.owner, || {
+        w.check_name();
+        Spi::connect(|c| {
+            c.select(
+                &sql,
+                None,
+                &[
+                    probes.clone().into(),
+                    format!("x{query:016x}").into(),
+                    (max_bits as i64).into(),
+                ],
+            )?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                    r.get::<String>(3)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler.near_duplicates on {}: {e}", w.name));
+    restore_setting(before);
+    let mut out: Vec<(String, Option<String>, String, i32)> = rows
+        .into_iter()
+        .filter(|(_, _, x)| !skip.contains(x))
+        .filter_map(|(k, s, x)| {
+            let d = dhash::hamming(dhash::parse_hex(&x)?, query);
+            (d <= max_bits as u32).then_some((k, s, x, d as i32))
+        })
+        .collect();
+    out.sort_by(|a, b| a.3.cmp(&b.3).then_with(|| a.0.cmp(&b.0)));
+    TableIterator::new(out)
 }

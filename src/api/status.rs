@@ -1,15 +1,43 @@
 //! Row counts for `doppler.status`: counted as the table's owner (never as a definer, nor as
 //! the superuser who happens to read the view), and only for callers who own the table or may
 //! SELECT it. A table whose count fails (its owner's policy raises, say) shows NULL counts and a
-//! WARNING: it cannot take the view down for everyone. A full scan: the status view is for
-//! people, not hot paths.
+//! WARNING: it cannot take the view down for everyone.
+//!
+//! `_counts` (0.2.0's view) scans the whole table. `_status` (the view since 0.3.0) scans only
+//! tables up to `doppler.status_exact_rows` rows; for larger ones it adds up:
+//! * total: the planner's row estimate (`pg_class.reltuples`, over partitions and children);
+//! * the rows still to do, exactly, through the pending index (a cost that follows the work
+//!   left, not the table);
+//! * skipped (no source, no vector): the estimate `null_frac` of the source column × total
+//!   (over the whole tree for a partitioned or inheritance parent, where ANALYZE made one);
+//! * stale (a vector of another model): 0 once a claim's scan has found none for the model tag
+//!   (doppler.watched.stale_scan), else counted, which scans during a re-embed only;
+//! * done: the rest.
+//!
+//! Nothing is kept in counters, so nothing drifts after a crash: every figure is read from the
+//! table and its statistics when the view is read.
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
 use crate::errors::in_subtransaction;
+use crate::gucs;
 use crate::privileged::{acts_as, as_owner, current_user};
 use crate::worker::batch;
+
+/// The watch of a table whose counts the caller may see: it owns the table or may SELECT it.
+fn visible_watch(relid: pg_sys::Oid) -> Option<batch::Watched> {
+    let w = batch::load_watched(Some(relid)).into_iter().next()?;
+    let visible = acts_as(current_user(), w.owner)
+        || Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT')",
+            &[relid.into()],
+        )
+        .ok()
+        .flatten()
+            == Some(true);
+    visible.then_some(w)
+}
 
 #[pg_extern(stable, strict, parallel_restricted)]
 #[search_path(pg_catalog, pg_temp)]
@@ -26,20 +54,9 @@ fn _counts(
         name!(model, String),
     ),
 > {
-    let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
+    let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
-    let visible = acts_as(current_user(), w.owner)
-        || Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT')",
-            &[relid.into()],
-        )
-        .ok()
-        .flatten()
-            == Some(true);
-    if !visible {
-        return TableIterator::new(Vec::new());
-    }
     let tag = w.spec().tag();
     let (vec, src) = (
         quote_identifier(&w.vector_column),
@@ -76,4 +93,126 @@ fn _counts(
         [None; 4]
     });
     TableIterator::once((total, done, skipped, stale, tag))
+}
+
+/// The figures of `doppler.status` (0.3.0): exact for small tables, else estimated (see above).
+#[pg_extern(stable, strict, parallel_restricted)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn _status(
+    relid: pg_sys::Oid,
+) -> TableIterator<
+    'static,
+    (
+        name!(total, Option<i64>),
+        name!(done, Option<i64>),
+        name!(skipped, Option<i64>),
+        name!(stale, Option<i64>),
+        name!(model, String),
+        name!(exact, bool),
+    ),
+> {
+    let Some(w) = visible_watch(relid) else {
+        return TableIterator::new(Vec::new());
+    };
+    crate::api::search::lock_for_reading(relid);
+    let tag = w.spec().tag();
+    let src = format!("t.{}", quote_identifier(&w.source_column));
+    let vec = format!("t.{}", quote_identifier(&w.vector_column));
+    let pending = format!("{} AND {src} IS NOT NULL", w.pending_over("t"));
+    let stale = format!(
+        "{vec} IS NOT NULL AND t.{mc} OPERATOR(pg_catalog.<>) $1",
+        mc = quote_identifier(&w.model_column)
+    );
+    let skipped = format!("{vec} IS NULL AND {src} IS NULL");
+    let table = &w.name;
+    let limit = gucs::STATUS_EXACT_ROWS.get();
+    let counted = in_subtransaction(|| {
+        as_owner(w.owner, || {
+            w.check_name();
+            // the planner's estimate over the table and every partition or child (-1: a table
+            // that was never vacuumed or analyzed has none; an empty one that never had a page
+            // counts as 0, so that a table's unused future partitions do not force a count)
+            let estimate = Spi::get_one_with_args::<f64>(
+                "WITH RECURSIVE tree(oid) AS (
+                     SELECT $1::pg_catalog.oid
+                     UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent OPERATOR(pg_catalog.=) tree.oid)
+                 SELECT CASE WHEN pg_catalog.bool_or(c.reltuples OPERATOR(pg_catalog.<) 0 AND c.relpages OPERATOR(pg_catalog.>) 0)
+                             THEN NULL
+                             ELSE pg_catalog.sum(GREATEST(c.reltuples, 0)) END::pg_catalog.float8
+                 FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.oid
+                 WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,m,f}'::pg_catalog.\"char\"[])",
+                &[w.relid.into()],
+            )?;
+            let exact = limit < 0 || estimate.is_none_or(|n| n <= limit as f64);
+            let one = |sql: &str| -> Result<i64, pgrx::spi::Error> {
+                Ok(Spi::get_one_with_args::<i64>(sql, &[tag.as_str().into()])?.unwrap_or(0))
+            };
+            if exact {
+                let row = Spi::connect(|c| {
+                    let r = c
+                        .select(
+                            &format!(
+                                "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE {pending}),
+                                        pg_catalog.count(*) FILTER (WHERE {skipped}),
+                                        pg_catalog.count(*) FILTER (WHERE {stale} AND NOT ({pending}))
+                                 FROM {table} t"
+                            ),
+                            Some(1),
+                            &[tag.as_str().into()],
+                        )?
+                        .first();
+                    Ok::<_, pgrx::spi::Error>([
+                        r.get::<i64>(1)?.unwrap_or(0),
+                        r.get::<i64>(2)?.unwrap_or(0),
+                        r.get::<i64>(3)?.unwrap_or(0),
+                        r.get::<i64>(4)?.unwrap_or(0),
+                    ])
+                })?;
+                let [total, todo, skipped, stale] = row;
+                return Ok([total, total - todo - skipped - stale, skipped, stale, 1]);
+            }
+            let total = estimate.unwrap_or(0.0).round() as i64;
+            // through the pending index (its predicate is repeated, so the planner takes it)
+            let todo = Spi::get_one::<i64>(&format!(
+                "SELECT pg_catalog.count(*) FROM {table} t WHERE {pending}"
+            ))?
+            .unwrap_or(0);
+            let stale = if w.stale_scan.as_deref() == Some(tag.as_str()) {
+                0
+            } else {
+                one(&format!(
+                    "SELECT pg_catalog.count(*) FROM {table} t WHERE {stale} AND NOT ({pending})"
+                ))?
+            };
+            let null_frac = Spi::get_one_with_args::<f64>(
+                "SELECT s.null_frac::pg_catalog.float8 FROM pg_catalog.pg_stats s
+                 JOIN pg_catalog.pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) s.schemaname
+                 JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                      AND c.relname OPERATOR(pg_catalog.=) s.tablename
+                 WHERE c.oid OPERATOR(pg_catalog.=) $1 AND s.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                 ORDER BY s.inherited DESC LIMIT 1",
+                &[w.relid.into(), w.source_column.as_str().into()],
+            )?
+            .unwrap_or(0.0);
+            let skipped = ((total as f64) * null_frac).round() as i64;
+            let done = (total - todo - skipped - stale).max(0);
+            Ok::<_, pgrx::spi::Error>([total.max(todo + stale), done, skipped, stale, 0])
+        })
+        .unwrap_or_else(|e| pgrx::error!("{e}"))
+    });
+    match counted {
+        Ok([total, done, skipped, stale, exact]) => TableIterator::once((
+            Some(total),
+            Some(done),
+            Some(skipped),
+            Some(stale),
+            tag,
+            exact == 1,
+        )),
+        Err((_, msg)) => {
+            warning!("doppler: could not count the rows of {}: {msg}", w.name);
+            TableIterator::once((None, None, None, None, tag, false))
+        }
+    }
 }

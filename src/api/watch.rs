@@ -449,6 +449,48 @@ fn pending_indexes(relid: pg_sys::Oid) -> Vec<String> {
     .unwrap_or_else(|e| pgrx::error!("could not read the indexes of relation {}: {e}", relid.to_u32()))
 }
 
+/// A free name for an index of `relid` in its schema: the table's name cut to 40 bytes (on a
+/// character boundary, so that no name is truncated at 63 bytes), `suffix`, and `_<n>` when
+/// taken. Returns the quoted name and the quoted schema-qualified name.
+pub fn free_index_name(
+    relid: pg_sys::Oid,
+    suffix: &str,
+) -> Result<(String, String), pgrx::spi::Error> {
+    let (relname, schema) = Spi::get_two_with_args::<String, String>(
+        "SELECT c.relname::pg_catalog.text, n.nspname::pg_catalog.text FROM pg_catalog.pg_class c
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[relid.into()],
+    )?;
+    let (relname, schema) = (relname.unwrap_or_default(), schema.unwrap_or_default());
+    let mut cut = 40.min(relname.len());
+    while !relname.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let base = format!("{}{suffix}", &relname[..cut]);
+    for n in 0..1000 {
+        let name = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}_{n}")
+        };
+        let taken = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_class o, pg_catalog.pg_class c
+                            WHERE c.oid OPERATOR(pg_catalog.=) $1
+                              AND o.relnamespace OPERATOR(pg_catalog.=) c.relnamespace
+                              AND o.relname OPERATOR(pg_catalog.=) $2::pg_catalog.name)",
+            &[relid.into(), name.as_str().into()],
+        )?;
+        if taken != Some(true) {
+            return Ok((
+                quote_identifier(&name),
+                format!("{}.{}", quote_identifier(&schema), quote_identifier(&name)),
+            ));
+        }
+    }
+    pgrx::error!("no free name for an index of relation {}", relid.to_u32())
+}
+
 /// Builds the pending index: `(key) WHERE (vector IS NULL [OR hash IS NULL]) AND source IS NOT
 /// NULL`, named after the table (a free name in its schema). As the table owner.
 fn create_pending_index(
@@ -459,19 +501,7 @@ fn create_pending_index(
     vector_column: &str,
     hash_column: Option<&str>,
 ) -> Result<(), pgrx::spi::Error> {
-    let index = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.quote_ident(pg_catalog.left(c.relname, 40) OPERATOR(pg_catalog.||) '_doppler_pending'
-                OPERATOR(pg_catalog.||) CASE WHEN s.n OPERATOR(pg_catalog.=) 0 THEN '' ELSE '_' OPERATOR(pg_catalog.||) s.n END)
-         FROM pg_catalog.pg_class c, pg_catalog.generate_series(0, 1000) s(n)
-         WHERE c.oid OPERATOR(pg_catalog.=) $1
-           AND NOT EXISTS (SELECT FROM pg_catalog.pg_class o
-                           WHERE o.relnamespace OPERATOR(pg_catalog.=) c.relnamespace
-                             AND o.relname OPERATOR(pg_catalog.=) (pg_catalog.left(c.relname, 40) OPERATOR(pg_catalog.||) '_doppler_pending'
-                                 OPERATOR(pg_catalog.||) CASE WHEN s.n OPERATOR(pg_catalog.=) 0 THEN '' ELSE '_' OPERATOR(pg_catalog.||) s.n END)::pg_catalog.name)
-         ORDER BY s.n LIMIT 1",
-        &[relid.into()],
-    )?
-    .unwrap_or_else(|| pgrx::error!("no free name for the pending index of {table}"));
+    let (index, schema_index) = free_index_name(relid, "_doppler_pending")?;
     let cols: Vec<String> = keys.iter().map(quote_identifier).collect();
     let pending = match hash_column {
         Some(h) => format!(
@@ -486,13 +516,6 @@ fn create_pending_index(
         cols.join(", "),
         quote_identifier(source_column)
     ))?;
-    let schema_index = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.format('%I.', n.nspname) FROM pg_catalog.pg_class c
-         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1",
-        &[relid.into()],
-    )?
-    .unwrap_or_default()
-        + &index;
     Spi::run(&format!(
         "COMMENT ON INDEX {schema_index} IS {}",
         pgrx::spi::quote_literal(PENDING_COMMENT)

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, PG, fixture_paths, status, wait_for
+from conftest import FIXTURES, MODELS, PG, fixture_paths, status, wait_for
 
 PHOTOS = [p for p in fixture_paths() if p.endswith((".jpg", ".png")) and "1x1" not in p and "7x5" not in p
           and "gray16" not in p][:8]
@@ -148,3 +148,79 @@ def test_hnsw_index_is_used_and_agrees_with_the_exact_scan(db):
     recall = found / (10 * len(queries))
     print(f"HNSW recall@10 on 300 rows: {recall:.3f}")
     assert recall >= 0.9
+
+
+@pytest.mark.skipif(PG != "pg18", reason="pgvector ships with the PostgreSQL 18 wheel")
+def test_similar_filters_and_returns_k_rows_past_stale_vectors(db):
+    """With an HNSW index, similar() still returns k rows when most candidates are filtered out
+    (other sites, vectors of an older model): pgvector's iterative scan, in exact order. The
+    filter names columns and passes values as a parameter: no way to inject SQL."""
+    rng = np.random.default_rng(11)
+    vecs = rng.normal(0, 1, (3000, 16)).astype(np.float32)
+    site = ["rare" if i % 40 == 0 else "common" for i in range(3000)]
+    db.execute("SELECT doppler.register_model('tiny_filter', %s, dim => 16)",
+               (os.path.join(MODELS, "tiny.onnx"),))
+    db.execute("CREATE TABLE simf (id int PRIMARY KEY, f_img text, site text, features vector(16), features_model text)")
+    with db.cursor() as cur:
+        cur.executemany("INSERT INTO simf VALUES (%s, %s, %s, %s::real[]::vector, 'tiny_filter@1')",
+                        [(i, f"/img/{i}.jpg", site[i], v.tolist()) for i, v in enumerate(vecs)])
+    db.execute("SELECT doppler.watch('simf', model => 'tiny_filter', mode => 'manual')")
+    assert db.execute("SELECT doppler.create_index('simf')").fetchone()[0]
+    db.execute("ANALYZE simf")
+    q = rng.normal(0, 1, 16).astype(np.float32)
+    d = np.linalg.norm(vecs - q, axis=1)
+    rare = [i for i in np.argsort(d) if site[i] == "rare"][:10]
+    got = db.execute("""SELECT row_key, distance FROM doppler.similar('simf', %s::real[], 10, filter => '{"site": "rare"}')""",
+                     (q.tolist(),)).fetchall()
+    assert [int(r[0]) for r in got] == [int(i) for i in rare], (got, rare)
+    assert np.allclose([r[1] for r in got], d[rare], atol=1e-4)
+    # the setting is back as it was after the call
+    assert db.execute("SELECT current_setting('hnsw.iterative_scan')").fetchone()[0] == "off"
+    # nine rows in ten with a vector of an older model: still k current rows, nearest first
+    db.execute("UPDATE simf SET features_model = 'tiny_filter@0' WHERE id % 10 <> 0")
+    cur_rows = [i for i in np.argsort(d) if i % 10 == 0][:12]
+    got = db.execute("SELECT row_key FROM doppler.similar('simf', %s::real[], 12)", (q.tolist(),)).fetchall()
+    assert [int(r[0]) for r in got] == [int(i) for i in cur_rows]
+    # several columns, typed values; a value never becomes SQL; a key must be a column
+    got = db.execute("""SELECT row_key FROM doppler.similar('simf', %s::real[], 5, filter => '{"site": "common", "id": 30}')""",
+                     (q.tolist(),)).fetchall()
+    assert got == [("30",)]
+    assert db.execute("""SELECT count(*) FROM doppler.similar('simf', %s::real[], 5, filter => '{"site": "x'' OR ''1''=''1"}')""",
+                      (q.tolist(),)).fetchone()[0] == 0
+    for bad, code in [('{"site = site OR true --": 1}', "42703"), ('["site"]', "22023"), ('{"nope": 1}', "42703")]:
+        with pytest.raises(psycopg.Error) as e:
+            db.execute("SELECT * FROM doppler.similar('simf', %s::real[], 5, filter => %s::jsonb)", (q.tolist(), bad))
+        assert e.value.sqlstate == code, (bad, e.value)
+    # NULL filter: none; NULL query: no rows (as a strict function)
+    assert db.execute("SELECT count(*) FROM doppler.similar('simf', %s::real[], 3, filter => NULL)", (q.tolist(),)).fetchone()[0] == 3
+    assert db.execute("SELECT count(*) FROM doppler.similar('simf', NULL::real[], 3)").fetchone()[0] == 0
+
+
+def test_similar_filter_on_an_exact_scan(db):
+    """real[] columns (no index): the filter keeps the rows whose columns equal its values,
+    converted to each column's type (a numeric beyond float precision stays exact), and a
+    NOT NULL domain elsewhere in the row does not get in the way."""
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(0, 1, (400, 16)).astype(np.float32)
+    db.execute("SELECT doppler.register_model('tiny_filter2', %s, dim => 16)", (os.path.join(MODELS, "tiny.onnx"),))
+    db.execute("DROP DOMAIN IF EXISTS tag_nn CASCADE")
+    db.execute("CREATE DOMAIN tag_nn AS text NOT NULL")
+    db.execute("""CREATE TABLE simx (id int PRIMARY KEY, f_img text, big numeric, tag tag_nn,
+                                     features real[], features_model text)""")
+    with db.cursor() as cur:
+        cur.executemany("INSERT INTO simx VALUES (%s, %s, %s, 't', %s, 'tiny_filter2@1')",
+                        [(i, f"/img/{i}.jpg", 123456789012345678901234 + (i % 3), v.tolist()) for i, v in enumerate(vecs)])
+    db.execute("SELECT doppler.watch('simx', model => 'tiny_filter2', mode => 'manual')")
+    q = rng.normal(0, 1, 16).astype(np.float32)
+    d = np.linalg.norm(vecs - q, axis=1)
+    want = [int(i) for i in np.argsort(d) if i % 3 == 1][:7]
+    got = db.execute("""SELECT row_key FROM doppler.similar('simx', %s::real[], 7,
+                               filter => '{"big": 123456789012345678901235}')""", (q.tolist(),)).fetchall()
+    assert [int(r[0]) for r in got] == want
+    # a number no float holds is still a number (it matches nothing here); a value of the wrong type is
+    # the column type's own error, not an internal one
+    assert db.execute("SELECT count(*) FROM doppler.similar('simx', %s::real[], 3, filter => '{\"big\": 1e400}')",
+                      (q.tolist(),)).fetchone()[0] == 0
+    with pytest.raises(psycopg.Error) as e:
+        db.execute("SELECT * FROM doppler.similar('simx', %s::real[], 3, filter => '{\"id\": \"x\"}')", (q.tolist(),))
+    assert e.value.sqlstate == "22P02", e.value

@@ -38,9 +38,9 @@ pub fn to_hex(h: u64) -> String {
     format!("{h:016x}")
 }
 
-/// Parses a 16-digit hex hash (either case).
+/// Parses a 16-digit hex hash (either case; no sign, no spaces).
 pub fn parse_hex(s: &str) -> Option<u64> {
-    if s.len() != 16 {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     u64::from_str_radix(s, 16).ok()

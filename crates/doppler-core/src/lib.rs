@@ -11,6 +11,7 @@ pub mod dhash;
 pub mod error;
 pub mod fetch;
 pub mod model;
+pub mod near;
 pub mod preprocess;
 pub mod resize;
 pub mod source;
