@@ -156,8 +156,8 @@ COMMENT ON FUNCTION @extschema@.dhash(text) IS 'imagehash''s dHash (hash_size 8)
 COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8) of these image bytes, as 16 hex digits.';
 COMMENT ON FUNCTION @extschema@.hamming(text, text) IS 'Bits that differ between two dHashes (16 hex digits each).';
 
--- Row counts: doppler._counts (src/api/status.rs) counts as the table's owner, for callers who
--- own the table or may SELECT it. The view shows those tables only.
+-- Row counts: doppler._status (src/api/status.rs) counts as the table's owner, for callers who
+-- own the table or may SELECT it without row-level security. The view shows those tables only.
 CREATE VIEW @extschema@.status AS
 SELECT w.relid AS table_name,
        c.model,

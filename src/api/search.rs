@@ -295,8 +295,8 @@ fn restore_setting(before: Option<(&'static str, String)>) {
 }
 
 /// `similar`'s filter: a JSON object of column → value; a row passes when each named column
-/// equals the value, converted to that column's type (and only that column's) by
-/// jsonb_to_record, once per query. The JSON is read by PostgreSQL (exact numbers, its own
+/// equals the value, converted to that column's type (without its typmod, so that a value is
+/// never rounded into a match; with its collation) by jsonb_to_record, once per query. The JSON is read by PostgreSQL (exact numbers, its own
 /// errors), keys are checked against the table's columns and quoted, and values travel as the
 /// parameter `param` (text), never in the SQL text. A JSON null matches nothing (`= NULL`).
 fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
@@ -314,7 +314,13 @@ fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
         }
         // each key with its column's type, NULL where the table has no such column
         c.select(
-            "SELECT k, (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+            "SELECT k, (SELECT pg_catalog.format_type(a.atttypid, NULL) OPERATOR(pg_catalog.||)
+                               CASE WHEN a.attcollation OPERATOR(pg_catalog.=) 0 THEN ''
+                                    ELSE (SELECT ' COLLATE ' OPERATOR(pg_catalog.||) pg_catalog.format('%I.%I', n.nspname, o.collname)
+                                          FROM pg_catalog.pg_collation o
+                                          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.collnamespace
+                                          WHERE o.oid OPERATOR(pg_catalog.=) a.attcollation) END
+                        FROM pg_catalog.pg_attribute a
                         WHERE a.attrelid OPERATOR(pg_catalog.=) $2 AND a.attname::pg_catalog.text OPERATOR(pg_catalog.=) k
                           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped)
              FROM pg_catalog.jsonb_object_keys($1::pg_catalog.jsonb) k ORDER BY k",
@@ -445,6 +451,7 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
         ),
     };
     as_owner(w.owner, || {
+        w.check_name();
         Spi::run(&format!(
             "CREATE INDEX ON {} USING hnsw ({expr} {nsp}.{ops})",
             w.name
@@ -472,6 +479,13 @@ fn _duplicates(
     ),
 > {
     let w = readable(relid);
+    if max_bits < 0 {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("max_bits must be 0 or more, not {max_bits}"),
+            "",
+        );
+    }
     let Some(h) = &w.hash_column else {
         fail(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -616,6 +630,7 @@ fn create_hash_index(w: &Watched) -> String {
     }
     let expr = hash_tokens_expr(&quote_identifier(h));
     as_owner(w.owner, || {
+        w.check_name();
         let (bare, index) = free_index_name(w.relid, "_doppler_dhash")?;
         Spi::run(&format!(
             "CREATE INDEX {bare} ON {} USING gin ({expr})",

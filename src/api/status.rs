@@ -25,12 +25,15 @@ use crate::gucs;
 use crate::privileged::{acts_as, as_owner, current_user};
 use crate::worker::batch;
 
-/// The watch of a table whose counts the caller may see: it owns the table or may SELECT it.
+/// The watch of a table whose counts the caller may see: it owns the table, or may SELECT it
+/// with no row-level security in force for it (counted as the owner, the counts would include
+/// rows its policies hide).
 fn visible_watch(relid: pg_sys::Oid) -> Option<batch::Watched> {
     let w = batch::load_watched(Some(relid)).into_iter().next()?;
     let visible = acts_as(current_user(), w.owner)
         || Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT')",
+            "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT')
+                    AND NOT pg_catalog.row_security_active($1::pg_catalog.oid)",
             &[relid.into()],
         )
         .ok()
@@ -57,6 +60,7 @@ fn _counts(
     let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
+    crate::api::search::lock_for_reading(relid);
     let tag = w.spec().tag();
     let (vec, src) = (
         quote_identifier(&w.vector_column),
@@ -76,6 +80,7 @@ fn _counts(
     );
     let counted = in_subtransaction(|| {
         as_owner(w.owner, || {
+            w.check_name();
             Spi::connect(|c| {
                 let row = c.select(&sql, Some(1), &[tag.as_str().into()])?.first();
                 Ok::<_, pgrx::spi::Error>([
@@ -149,6 +154,7 @@ fn _status(
                 Ok(Spi::get_one_with_args::<i64>(sql, &[tag.as_str().into()])?.unwrap_or(0))
             };
             if exact {
+                w.check_name();
                 let row = Spi::connect(|c| {
                     let r = c
                         .select(
@@ -174,6 +180,7 @@ fn _status(
             }
             let total = estimate.unwrap_or(0.0).round() as i64;
             // through the pending index (its predicate is repeated, so the planner takes it)
+            w.check_name();
             let todo = Spi::get_one::<i64>(&format!(
                 "SELECT pg_catalog.count(*) FROM {table} t WHERE {pending}"
             ))?
@@ -181,6 +188,7 @@ fn _status(
             let stale = if w.stale_scan.as_deref() == Some(tag.as_str()) {
                 0
             } else {
+                w.check_name();
                 one(&format!(
                     "SELECT pg_catalog.count(*) FROM {table} t WHERE {stale} AND NOT ({pending})"
                 ))?

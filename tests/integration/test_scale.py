@@ -180,9 +180,11 @@ def test_near_duplicates_equal_the_exact_answer(noworker, cluster):
         c.execute("DELETE FROM nd_owner.nd WHERE id = 100000")
         # skip hashes ask nothing; bad input is a clear error
         assert c.execute("SELECT count(*) FROM doppler.near_duplicates('nd_owner.nd', 'NOHASH', 64)").fetchone()[0] == 0
-        for bad, code in [("'xyz', 4", "22023"), ("'0123456789abcdef', -1", "22023")]:
+        for bad, code in [("near_duplicates('nd_owner.nd', 'xyz', 4)", "22023"),
+                          ("near_duplicates('nd_owner.nd', '0123456789abcdef', -1)", "22023"),
+                          ("duplicates('nd_owner.nd', -1)", "22023")]:
             with pytest.raises(psycopg.Error) as e:
-                c.execute(f"SELECT * FROM doppler.near_duplicates('nd_owner.nd', {bad})")
+                c.execute(f"SELECT * FROM doppler.{bad}")
             assert e.value.sqlstate == code, e.value
         # duplicates: the same groups as comparing every pair
         for mb in [0, 4, 9]:

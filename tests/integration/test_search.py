@@ -224,3 +224,11 @@ def test_similar_filter_on_an_exact_scan(db):
     with pytest.raises(psycopg.Error) as e:
         db.execute("SELECT * FROM doppler.similar('simx', %s::real[], 3, filter => '{\"id\": \"x\"}')", (q.tolist(),))
     assert e.value.sqlstate == "22P02", e.value
+    # a column with its own collation; a value is not rounded to the column's typmod into a match
+    db.execute("""ALTER TABLE simx ADD COLUMN site text COLLATE "C" DEFAULT 'a', ADD COLUMN price numeric(5,2) DEFAULT 1.23""")
+    assert db.execute("""SELECT count(*) FROM doppler.similar('simx', %s::real[], 4, filter => '{"site": "a"}')""",
+                      (q.tolist(),)).fetchone()[0] == 4
+    assert db.execute("""SELECT count(*) FROM doppler.similar('simx', %s::real[], 4, filter => '{"price": 1.234}')""",
+                      (q.tolist(),)).fetchone()[0] == 0
+    assert db.execute("""SELECT count(*) FROM doppler.similar('simx', %s::real[], 4, filter => '{"price": 1.23}')""",
+                      (q.tolist(),)).fetchone()[0] == 4
