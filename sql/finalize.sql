@@ -98,7 +98,7 @@ CREATE FUNCTION @extschema@.retry_failed(tbl regclass DEFAULT NULL) RETURNS bigi
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 RETURN @extschema@._retry_failed(tbl::oid);
 COMMENT ON FUNCTION @extschema@.retry_failed(regclass) IS
-  'Make failed rows due now, with their attempts reset (all of the caller''s tables when tbl is NULL); wakes the worker. Returns how many rows.';
+  'Make failed rows due now, with their attempts reset (all of the caller''s tables when tbl is NULL), and rows marked held without a failure record to do again; wakes the worker. Returns how many failure records.';
 
 COMMENT ON FUNCTION @extschema@.wake() IS
   'Wake this database''s doppler worker now instead of at its next nap. Returns how many workers were woken.';

@@ -58,6 +58,9 @@ CREATE TABLE @extschema@.failures (
     PRIMARY KEY (relid, row_key)
 );
 COMMENT ON TABLE @extschema@.failures IS 'Rows whose image failed: why, how often, and when doppler tries again (next_attempt NULL: given up).';
+-- Claims find the rows due for a retry through it: a failed row is held back (its model column
+-- says '!failed') and out of the pending index, so given-up rows cost claims nothing (0.4.0).
+CREATE INDEX failures_due ON @extschema@.failures (relid, next_attempt) WHERE next_attempt IS NOT NULL;
 
 -- One row per committed batch (worker or fill), for status and throughput; pruned by the worker.
 CREATE TABLE @extschema@.batches (

@@ -74,16 +74,35 @@ pub fn replace(w: &Watched) {
         "CREATE TRIGGER doppler_truncate AFTER TRUNCATE ON {table}
          FOR EACH STATEMENT EXECUTE FUNCTION doppler._on_truncate()"
     )];
+    // the columns whose change makes a row to do: the source, and the key (of a held row)
+    let mut columns = vec![src.clone()];
+    columns.extend(
+        w.key_columns
+            .iter()
+            .map(quote_identifier)
+            .filter(|k| *k != src),
+    );
+    let columns = columns.join(", ");
     if w.mode == "async" || w.mode == "sync" {
+        // a changed source clears the derived columns (and a held row's mark: it is tried
+        // afresh); so does a changed key of a held row, whose failure record names the old key
+        // (keys compared as the text a failure record holds: no operator is looked up)
         ddl.push(format!(
-            "CREATE TRIGGER doppler_clear_stale BEFORE UPDATE OF {src} ON {table} FOR EACH ROW
-             WHEN (OLD.{src} IS DISTINCT FROM NEW.{src}) EXECUTE FUNCTION doppler._clear_stale({})",
-            compat_args(w)
+            "CREATE TRIGGER doppler_clear_stale BEFORE UPDATE OF {columns} ON {table} FOR EACH ROW
+             WHEN (OLD.{src} IS DISTINCT FROM NEW.{src}
+                   OR (OLD.{mc} OPERATOR(pg_catalog.=) {held}::pg_catalog.text
+                       AND {old_key} IS DISTINCT FROM {new_key}))
+             EXECUTE FUNCTION doppler._clear_stale({})",
+            compat_args(w),
+            mc = quote_identifier(&w.model_column),
+            held = pgrx::spi::quote_literal(batch::HELD),
+            old_key = w.key_expr_over("OLD"),
+            new_key = w.key_expr_over("NEW"),
         ));
     }
     if w.mode == "async" {
         ddl.push(format!(
-            "CREATE TRIGGER doppler_wake AFTER INSERT OR UPDATE OF {src} ON {table}
+            "CREATE TRIGGER doppler_wake AFTER INSERT OR UPDATE OF {columns} ON {table}
              FOR EACH STATEMENT EXECUTE FUNCTION doppler._wake_trigger()"
         ));
     }
@@ -124,6 +143,9 @@ fn compat_args(w: &Watched) -> String {
 }
 
 thread_local! {
+    /// Set while doppler itself clears held marks (unmark): the sync trigger does not fill the
+    /// rows that this UPDATE touches (the worker, or the next statement, does).
+    static UNMARKING: Cell<bool> = const { Cell::new(false) };
     static WAKE_PENDING: Cell<bool> = const { Cell::new(false) };
     static PIDS: RefCell<(Vec<i32>, Option<Instant>)> = const { RefCell::new((Vec::new(), None)) };
 }
@@ -346,7 +368,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     // when called as a trigger, which is checked first.
     let tg = unsafe { trigger_data(fcinfo, "doppler._sync_trigger()") };
     let (relid, has_rows) = unsafe { ((*(*tg).tg_relation).rd_id, !(*tg).tg_newtable.is_null()) };
-    if !has_rows {
+    if !has_rows || UNMARKING.with(|u| u.get()) {
         return pg_sys::Datum::from(0usize);
     }
     let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
@@ -355,11 +377,13 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     if w.mode != "sync" {
         return pg_sys::Datum::from(0usize);
     }
+    // (not rows held back: the batch that marks a failed row writes it, and fires this again)
     let sql = format!(
-        "SELECT {} FROM new_rows n WHERE n.{} IS NOT NULL AND n.{} IS NULL",
+        "SELECT {} FROM new_rows n WHERE n.{} IS NOT NULL AND n.{} IS NULL AND {}",
         w.key_expr_over("n"),
         quote_identifier(&w.source_column),
-        quote_identifier(&w.vector_column)
+        quote_identifier(&w.vector_column),
+        w.unheld_over("n")
     );
     let keys: Vec<String> = as_owner(w.owner, || {
         Spi::connect(|c| {
@@ -375,6 +399,19 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
         fill_rows(&w, &keys);
     }
     pg_sys::Datum::from(0usize)
+}
+
+/// Runs `f` with the sync trigger off for this backend (restored on error too: an ERROR unwinds
+/// through this frame).
+pub fn without_sync<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNMARKING.with(|u| u.set(self.0));
+        }
+    }
+    let _restore = Restore(UNMARKING.with(|u| u.replace(true)));
+    f()
 }
 
 /// `pg_finfo_` record: version-1 calling convention for [`doppler_sync_trigger`].

@@ -124,10 +124,14 @@ fn _status(
     let tag = w.spec().tag();
     let src = format!("t.{}", quote_identifier(&w.source_column));
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
-    let pending = format!("{} AND {src} IS NOT NULL", w.pending_over("t"));
+    // to do: the pending index's rows (its predicate, so the planner takes it), and the rows
+    // held back after a failure (in the exact count; else their failure records)
+    let pending = w.pending_index_over("t");
+    let held = format!("(NOT {} AND {src} IS NOT NULL)", w.unheld_over("t"));
     let stale = format!(
-        "{vec} IS NOT NULL AND t.{mc} OPERATOR(pg_catalog.<>) $1",
-        mc = quote_identifier(&w.model_column)
+        "{vec} IS NOT NULL AND t.{mc} OPERATOR(pg_catalog.<>) $1 AND {unheld}",
+        mc = quote_identifier(&w.model_column),
+        unheld = w.unheld_over("t"),
     );
     let skipped = format!("{vec} IS NULL AND {src} IS NULL");
     let table = &w.name;
@@ -159,7 +163,7 @@ fn _status(
                     let r = c
                         .select(
                             &format!(
-                                "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE {pending}),
+                                "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE {pending} OR {held}),
                                         pg_catalog.count(*) FILTER (WHERE {skipped}),
                                         pg_catalog.count(*) FILTER (WHERE {stale} AND NOT ({pending}))
                                  FROM {table} t"
@@ -184,7 +188,13 @@ fn _status(
             let todo = Spi::get_one::<i64>(&format!(
                 "SELECT pg_catalog.count(*) FROM {table} t WHERE {pending}"
             ))?
-            .unwrap_or(0);
+            .unwrap_or(0)
+                + Spi::get_one_with_args::<i64>(
+                    "SELECT pg_catalog.count(*) FROM doppler.failures f
+                     WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+                    &[w.relid.into()],
+                )?
+                .unwrap_or(0);
             let stale = if w.stale_scan.as_deref() == Some(tag.as_str()) {
                 0
             } else {

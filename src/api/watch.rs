@@ -347,11 +347,14 @@ fn _watch(
         w.vector_column != vector_column
             || w.source_column != source_column
             || w.hash_column.as_deref() != hash_column
+            || w.model_column != model_column
     });
     let existing = pending_indexes(relid);
-    if moved || existing.is_empty() {
+    // (0.3.0's index, which keeps held rows, is built again)
+    let outdated = existing.iter().any(|(_, current)| !current);
+    if moved || existing.is_empty() || outdated {
         as_owner(rel.owner, || {
-            for i in &existing {
+            for (i, _) in &existing {
                 Spi::run(&format!("DROP INDEX {i}"))?;
             }
             create_pending_index(
@@ -361,6 +364,7 @@ fn _watch(
                 source_column,
                 vector_column,
                 hash_column,
+                &model_column,
             )
         })
         .unwrap_or_else(|e| pgrx::error!("could not index the pending rows of {name}: {e}"));
@@ -417,6 +421,10 @@ fn _watch(
         .into_iter()
         .next()
         .expect("just registered");
+    // rows held back without a failure record (their records went with a dropped column, or
+    // they came in with their marks: a copy, a restore of one table, a partition attached), and
+    // every held row when the columns moved: to do again
+    as_owner(rel.owner, || unmark(&w, !moved));
     as_owner(rel.owner, || triggers::replace(&w));
     wake();
     format!(
@@ -427,24 +435,28 @@ fn _watch(
 }
 
 /// What the pending index's comment says: doppler finds its index by it (names are the user's,
-/// and a comment survives pg_dump and restore).
-const PENDING_COMMENT: &str = "doppler: the rows whose vector is to be computed";
+/// and a comment survives pg_dump and restore). 0.3.0's index, which still held the rows held
+/// back, says only the first part.
+const PENDING_COMMENT_0_3: &str = "doppler: the rows whose vector is to be computed";
+const PENDING_COMMENT: &str =
+    "doppler: the rows whose vector is to be computed (rows held back after a failure left out)";
 
-/// The pending indexes of a table (quoted qualified names): partial indexes over the rows
-/// without a vector, which claims use.
-fn pending_indexes(relid: pg_sys::Oid) -> Vec<String> {
+/// The pending indexes of a table (quoted qualified names), and whether each is this version's:
+/// partial indexes over the rows without a vector, which claims use.
+fn pending_indexes(relid: pg_sys::Oid) -> Vec<(String, bool)> {
     Spi::connect(|c| {
         c.select(
-            "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
+            "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname),
+                    pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2
              FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
              JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
              WHERE i.indrelid OPERATOR(pg_catalog.=) $1
-               AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2",
+               AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) ANY (ARRAY[$2, $3])",
             None,
-            &[relid.into(), PENDING_COMMENT.into()],
+            &[relid.into(), PENDING_COMMENT.into(), PENDING_COMMENT_0_3.into()],
         )?
-        .map(|r| r.get::<String>(1).map(|n| n.unwrap_or_default()))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<bool>(2)?.unwrap_or(false))))
+        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
     .unwrap_or_else(|e| pgrx::error!("could not read the indexes of relation {}: {e}", relid.to_u32()))
 }
@@ -492,7 +504,8 @@ pub fn free_index_name(
 }
 
 /// Builds the pending index: `(key) WHERE (vector IS NULL [OR hash IS NULL]) AND source IS NOT
-/// NULL`, named after the table (a free name in its schema). As the table owner.
+/// NULL AND model is not '!failed'` ([`batch::pending_index_predicate`]), named after the table
+/// (a free name in its schema). As the table owner.
 fn create_pending_index(
     table: &str,
     relid: pg_sys::Oid,
@@ -500,21 +513,15 @@ fn create_pending_index(
     source_column: &str,
     vector_column: &str,
     hash_column: Option<&str>,
+    model_column: &str,
 ) -> Result<(), pgrx::spi::Error> {
     let (index, schema_index) = free_index_name(relid, "_doppler_pending")?;
     let cols: Vec<String> = keys.iter().map(quote_identifier).collect();
-    let pending = match hash_column {
-        Some(h) => format!(
-            "({} IS NULL OR {} IS NULL)",
-            quote_identifier(vector_column),
-            quote_identifier(h)
-        ),
-        None => format!("{} IS NULL", quote_identifier(vector_column)),
-    };
+    let predicate =
+        batch::pending_index_predicate("", source_column, vector_column, hash_column, model_column);
     Spi::run(&format!(
-        "CREATE INDEX {index} ON {table} ({}) WHERE {pending} AND {} IS NOT NULL",
+        "CREATE INDEX {index} ON {table} ({}) WHERE {predicate}",
         cols.join(", "),
-        quote_identifier(source_column)
     ))?;
     Spi::run(&format!(
         "COMMENT ON INDEX {schema_index} IS {}",
@@ -526,11 +533,17 @@ fn create_pending_index(
 #[search_path(pg_catalog, pg_temp)]
 fn _unwatch(relid: pg_sys::Oid) -> bool {
     let rel = owned_table(relid);
+    let watched = batch::load_watched(Some(relid)).into_iter().next();
     as_owner(rel.owner, || {
         triggers::drop_all(&rel.name);
-        for i in pending_indexes(relid) {
+        for (i, _) in pending_indexes(relid) {
             Spi::run(&format!("DROP INDEX {i}"))
                 .unwrap_or_else(|e| pgrx::error!("could not drop index {i}: {e}"));
+        }
+        // the rows held back lose their mark with their failure records (after the triggers:
+        // this fires none of doppler's)
+        if let Some(w) = &watched {
+            unmark(w, false);
         }
     });
     as_catalog(extension_owner(), || {
@@ -553,6 +566,51 @@ fn _unwatch(relid: pg_sys::Oid) -> bool {
     })
     .unwrap_or_else(|e| pgrx::error!("could not unwatch: {e}"))
     .unwrap_or(false)
+}
+
+/// Clears the held mark ([`batch::HELD`]) of a table's rows, so that claims see them again: all
+/// of them (unwatch), or (`orphans`) those without a failure record (a key changed where no
+/// trigger saw it, a record deleted by hand or with a dropped column, a row copied with its
+/// mark). The vector goes too: a held row's vector, if any, is an older model's, and an untagged
+/// vector would read as current. A scan of the table, as the table owner (not over partitions
+/// of other owners, whose triggers would run with this owner's rights; the sync trigger does
+/// not fill these rows here); returns how many rows it cleared.
+fn unmark(w: &batch::Watched, orphans: bool) -> i64 {
+    if let Some(child) = batch::foreign_child(w.relid, w.owner) {
+        notice!(
+            "doppler: held rows of {} are left marked: partition {child} has another owner",
+            w.name
+        );
+        return 0;
+    }
+    let (mc, vec) = (
+        quote_identifier(&w.model_column),
+        quote_identifier(&w.vector_column),
+    );
+    let orphan = if orphans {
+        format!(
+            "AND NOT EXISTS (SELECT FROM doppler.failures f
+                             WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+                               AND f.row_key OPERATOR(pg_catalog.=) {})",
+            w.key_expr()
+        )
+    } else {
+        String::new()
+    };
+    w.check_name();
+    triggers::without_sync(|| {
+        Spi::get_one_with_args::<i64>(
+            &format!(
+                "WITH u AS (UPDATE {table} t SET {mc} = NULL, {vec} = NULL
+                            WHERE t.{mc} OPERATOR(pg_catalog.=) $2::pg_catalog.text {orphan} RETURNING 1)
+                 SELECT pg_catalog.count(*) FROM u",
+                table = w.name
+            ),
+            &[w.relid.into(), batch::HELD.into()],
+        )
+    })
+    .unwrap_or_else(|e| pgrx::error!("could not clear the held rows of {}: {e}", w.name))
+    .unwrap_or(0)
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -580,6 +638,13 @@ fn _retry_failed(relid: Option<pg_sys::Oid>) -> i64 {
         })
         .unwrap_or_default(),
     };
+    // rows held back without a record (their key changed where no trigger saw it): to do again
+    for w in batch::load_watched(None)
+        .into_iter()
+        .filter(|w| tables.contains(&w.relid))
+    {
+        as_owner(w.owner, || unmark(&w, true));
+    }
     let n = as_catalog(extension_owner(), || {
         Spi::get_one_with_args::<i64>(
             "WITH u AS (UPDATE doppler.failures SET attempts = 0, next_attempt = pg_catalog.now()

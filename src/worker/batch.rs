@@ -44,8 +44,7 @@ pub struct Watched {
     pub model: String,
     /// The text column tagging each vector with the model that made it (name@version).
     pub model_column: String,
-    /// For which model tag and hash column the last scan for outdated vectors and missing
-    /// hashes found none ([`Watched::stale_signature`]); None: scan again.
+    /// For which model tag the last scan for outdated vectors found none; None: scan again.
     pub stale_scan: Option<String>,
     /// Whether doppler.watched has that column (not before `ALTER EXTENSION doppler UPDATE`
     /// from 0.1.0: claims then scan as 0.1.0's did).
@@ -124,6 +123,52 @@ pub fn load_watched(only: Option<pg_sys::Oid>) -> Vec<Watched> {
     as_catalog(extension_owner(), read)
 }
 
+/// What the model column holds in a row that doppler holds back: its image failed, or its hash
+/// is a skip hash; the row's record in doppler.failures says why, and when it is tried again. No
+/// model tag starts with `!` (model names are `[A-Za-z0-9_.-]`), so it never reads as one. A held
+/// row leaves the pending index, so that failures do not turn claims back into scans; retries come
+/// from doppler.failures (by `next_attempt`), and a changed source clears the mark with the vector.
+pub const HELD: &str = "!failed";
+
+/// `(vector IS NULL [OR hash IS NULL])`, columns prefixed with `prefix` (`"t."`, or `""` in an
+/// index predicate).
+pub fn pending_predicate(prefix: &str, vector: &str, hash: Option<&str>) -> String {
+    let vec = quote_identifier(vector);
+    match hash {
+        Some(h) => format!(
+            "({prefix}{vec} IS NULL OR {prefix}{} IS NULL)",
+            quote_identifier(h)
+        ),
+        None => format!("{prefix}{vec} IS NULL"),
+    }
+}
+
+/// `(model IS NULL OR model <> '!failed')`: the row is not held back.
+pub fn unheld_predicate(prefix: &str, model: &str) -> String {
+    let mc = quote_identifier(model);
+    format!(
+        "({prefix}{mc} IS NULL OR {prefix}{mc} OPERATOR(pg_catalog.<>) {}::pg_catalog.text)",
+        quote_literal(HELD)
+    )
+}
+
+/// The pending index's predicate: to do ([`pending_predicate`]), with a source, and not held
+/// back. Built-in operators only, schema-qualified: the index never runs the owner's code.
+pub fn pending_index_predicate(
+    prefix: &str,
+    source: &str,
+    vector: &str,
+    hash: Option<&str>,
+    model: &str,
+) -> String {
+    format!(
+        "{} AND {prefix}{} IS NOT NULL AND {}",
+        pending_predicate(prefix, vector, hash),
+        quote_identifier(source),
+        unheld_predicate(prefix, model)
+    )
+}
+
 impl Watched {
     /// The row key as text over table alias `t`: the primary key value, or a row of them for a
     /// composite key.
@@ -144,24 +189,32 @@ impl Watched {
         }
     }
 
-    /// What a scan for vectors of another model depends on: the model tag. Once a scan for it
-    /// finds no such row, claims look only at the pending rows (through the pending index) until
-    /// the tag changes or `watch` runs.
-    pub fn stale_signature(&self, tag: &str) -> String {
-        tag.to_string()
+    /// The rows the pending index covers, over alias `t`: no vector, or no hash (with a hash
+    /// column). Its predicate adds `source IS NOT NULL` and "not held back"
+    /// ([`Watched::pending_index_over`]).
+    pub fn pending_over(&self, alias: &str) -> String {
+        pending_predicate(
+            &format!("{alias}."),
+            &self.vector_column,
+            self.hash_column.as_deref(),
+        )
     }
 
-    /// The rows the pending index covers, over alias `t`: no vector, or no hash (with a hash
-    /// column). Its predicate adds `source IS NOT NULL`.
-    pub fn pending_over(&self, alias: &str) -> String {
-        let vec = quote_identifier(&self.vector_column);
-        match &self.hash_column {
-            Some(h) => format!(
-                "({alias}.{vec} IS NULL OR {alias}.{} IS NULL)",
-                quote_identifier(h)
-            ),
-            None => format!("{alias}.{vec} IS NULL"),
-        }
+    /// The pending index's own predicate, over alias `t`: the same text as `watch` indexes, so
+    /// that the planner proves a claim's condition implies it.
+    pub fn pending_index_over(&self, alias: &str) -> String {
+        pending_index_predicate(
+            &format!("{alias}."),
+            &self.source_column,
+            &self.vector_column,
+            self.hash_column.as_deref(),
+            &self.model_column,
+        )
+    }
+
+    /// Rows doppler does not hold back, over alias `t`: their model column is not [`HELD`].
+    pub fn unheld_over(&self, alias: &str) -> String {
+        unheld_predicate(&format!("{alias}."), &self.model_column)
     }
 
     /// How a failure record names the source, so that a changed source is tried afresh.
@@ -356,7 +409,10 @@ pub fn run_batch(
     let spec = w.spec();
     let tag = spec.tag();
     // claim: as the table owner (its casts, operators and policies run with its own rights)
-    let (claimed, no_stale) = as_owner(w.owner, || claim(w, limit, only, &tag));
+    let (claimed, no_stale, obsolete) = as_owner(w.owner, || claim(w, limit, only, &tag));
+    if !obsolete.is_empty() {
+        as_catalog(catalog_role, || forget_failures(w, &obsolete));
+    }
     if let Some(signature) = no_stale {
         as_catalog(catalog_role, || {
             Spi::run_with_args(
@@ -535,9 +591,20 @@ pub fn run_batch(
         errors = Vec::new();
     }
     let mut failures: Vec<Failure> = errors.iter().map(|(i, e)| Failure::of(*i, e)).collect();
-    // write: as the owner; rows it cannot write are failures of their own, the rest is written
+    // write: as the owner; rows it cannot write are failures of their own, the rest is written,
+    // and failed or skipped rows are marked held (out of the pending index until retried)
+    // (not a row whose vector is current and only its hash failed: marking it would take its
+    // vector out of search; it stays in the pending index, held back by its record)
+    let mut held = vec![false; claimed.len()];
+    for i in failures
+        .iter()
+        .map(|f| f.row)
+        .chain(skips.iter().map(|s| s.0))
+    {
+        held[i] = !claimed[i].has_vector;
+    }
     let unwritten = as_owner(w.owner, || {
-        write_isolated(w, &tag, &claimed, &outcomes, !raise)
+        write_isolated(w, &tag, &claimed, &outcomes, &held, !raise)
     });
     for f in &unwritten {
         outcomes[f.row] = Outcome::default();
@@ -589,53 +656,158 @@ pub fn run_batch(
 }
 
 /// Claims up to `limit` rows to embed (locked, FOR UPDATE SKIP LOCKED), as the table owner:
-/// 1. rows without a vector (or without a hash), through the pending index `watch` creates (a
-///    partial index over exactly those rows), so the cost follows the batch, not the table;
-/// 2. if that leaves room, rows whose vector is from another model: a scan of the table, done
+/// 1. rows whose failure record is due for a retry, found through doppler.failures' index on
+///    `next_attempt` (held rows are out of the pending index: [`HELD`]);
+/// 2. rows without a vector (or without a hash), through the pending index `watch` creates (a
+///    partial index over exactly those rows, held rows left out), so the cost follows the batch,
+///    not the table;
+/// 3. if that leaves room, rows whose vector is from another model: a scan of the table, done
 ///    until one finds none for this model tag (recorded in doppler.watched; a new model version
 ///    changes the tag, `watch` clears it).
 ///
 /// With `only` (the sync trigger's rows), one query over those keys. Runs as the table owner;
-/// returns the rows, and the signature to record when the scan found no outdated row.
+/// returns the rows, the model tag to record when the scan found no outdated row, and the keys
+/// of due failure records whose row is gone or has nothing left to do (records to forget).
 fn claim(
     w: &Watched,
     limit: i64,
     only: Option<&[String]>,
     tag: &str,
-) -> (Vec<Claimed>, Option<String>) {
+) -> (Vec<Claimed>, Option<String>, Vec<String>) {
     if only.is_some() {
-        return (claim_where(w, limit, only, tag, None), None);
+        return (claim_where(w, limit, only, tag, None), None, Vec::new());
+    }
+    let mut rows = Vec::new();
+    // (each phase's rows are locked by this transaction, which SKIP LOCKED does not skip: a row
+    // that two phases find is kept once)
+    let add = |rows: &mut Vec<Claimed>, more: Vec<Claimed>| {
+        for c in more {
+            if !rows
+                .iter()
+                .any(|r: &Claimed| r.ctid == c.ctid && r.tableoid == c.tableoid)
+            {
+                rows.push(c);
+            }
+        }
+    };
+    let due = due_retries(w, limit);
+    let mut obsolete = Vec::new();
+    if !due.is_empty() {
+        // (keys are cast to the key's type: a record whose key no longer fits it, after the
+        // table's key changed, must not stop every claim; it is tried alone, and forgotten)
+        match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None)) {
+            Ok(more) => add(&mut rows, more),
+            Err(_) => {
+                for k in &due {
+                    let one = std::slice::from_ref(k);
+                    match in_subtransaction(|| claim_where(w, 1, Some(one), tag, None)) {
+                        Ok(more) => add(&mut rows, more),
+                        Err(_) => obsolete.push(k.clone()),
+                    }
+                }
+            }
+        }
+        if rows.len() + obsolete.len() < due.len() {
+            let rest: Vec<String> = due
+                .iter()
+                .filter(|k| !obsolete.contains(k))
+                .cloned()
+                .collect();
+            obsolete.extend(in_subtransaction(|| without_work(w, &rest, tag)).unwrap_or_default());
+        }
+    }
+    if (rows.len() as i64) < limit {
+        let pending = w.pending_index_over("t");
+        let more = claim_where(w, limit - rows.len() as i64, None, tag, Some(&pending));
+        add(&mut rows, more);
     }
     let mut no_stale = None;
-    let pending = w.pending_over("t");
-    let mut rows = claim_where(w, limit, None, tag, Some(&pending));
-    let signature = w.stale_signature(tag);
-    if (rows.len() as i64) < limit && w.stale_scan.as_deref() != Some(signature.as_str()) {
-        // (not the pending rows: phase 1's are locked by this transaction, and would come again)
-        let more = claim_where(
-            w,
-            limit - rows.len() as i64,
-            None,
-            tag,
-            Some(&format!("NOT {pending}")),
-        );
+    if (rows.len() as i64) < limit && w.stale_scan.as_deref() != Some(tag) {
+        let outside = format!("NOT {} AND {}", w.pending_over("t"), w.unheld_over("t"));
+        let more = claim_where(w, limit - rows.len() as i64, None, tag, Some(&outside));
         if more.is_empty() && w.has_stale_scan && !any_stale(w, tag) {
-            no_stale = Some(signature);
+            no_stale = Some(tag.to_string());
         }
-        rows.extend(more);
+        add(&mut rows, more);
     }
-    (rows, no_stale)
+    (rows, no_stale, obsolete)
+}
+
+/// Of these keys, those of no row with work to do (deleted, filled by hand, source set NULL):
+/// a due failure record of such a key would come up in every claim. Rows locked by another
+/// claim still count as rows with work. As the table owner.
+fn without_work(w: &Watched, keys: &[String], tag: &str) -> Vec<String> {
+    let matches = match &w.key_type {
+        Some(ty) => format!("t.{} = k.k::{ty}", quote_identifier(&w.key_columns[0])),
+        None => format!("{} = k.k", w.key_expr()),
+    };
+    let current = w.current_vector_over("t", &quote_literal(tag));
+    let todo = match &w.hash_column {
+        Some(h) => format!("(NOT {current} OR t.{} IS NULL)", quote_identifier(h)),
+        None => format!("NOT {current}"),
+    };
+    w.check_name();
+    Spi::connect(|c| {
+        c.select(
+            &format!(
+                "SELECT k.k FROM pg_catalog.unnest($1::pg_catalog.text[]) AS k(k)
+                 WHERE NOT EXISTS (SELECT FROM {table} t WHERE {matches} AND {todo}
+                                     AND t.{src} IS NOT NULL)",
+                table = w.name,
+                src = quote_identifier(&w.source_column),
+            ),
+            None,
+            &[keys.to_vec().into()],
+        )?
+        .map(|r| r.get::<String>(1).map(|k| k.unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not look up rows of {}: {e}", w.name))
+}
+
+/// Deletes the due failure records of these keys (not one a concurrent batch has just written
+/// again, for a new row with the same key). As the extension owner.
+fn forget_failures(w: &Watched, keys: &[String]) {
+    Spi::run_with_args(
+        "DELETE FROM doppler.failures
+         WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+           AND row_key OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[])
+           AND next_attempt OPERATOR(pg_catalog.<=) pg_catalog.now()",
+        &[w.relid.into(), keys.to_vec().into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not clear failures of {}: {e}", w.name));
+}
+
+/// The keys of rows whose failure record is due (`next_attempt` passed), oldest first: through
+/// the index on (relid, next_attempt), so given-up and waiting rows cost nothing. As the table
+/// owner, who reads the records of its own tables (row-level security).
+fn due_retries(w: &Watched, limit: i64) -> Vec<String> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT f.row_key FROM doppler.failures f
+             WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
+               AND f.next_attempt OPERATOR(pg_catalog.<=) pg_catalog.now()
+             ORDER BY f.next_attempt LIMIT $2",
+            None,
+            &[w.relid.into(), limit.into()],
+        )?
+        .map(|r| r.get::<String>(1).map(|k| k.unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("doppler: could not read the failures of {}: {e}", w.name))
 }
 
 /// Whether any row outside the pending index has a vector from another model (failed or locked
-/// rows included: only a table without any may skip the scan). Called as the table owner.
+/// rows included, held rows not: only a table without any may skip the scan). Called as the
+/// table owner.
 fn any_stale(w: &Watched, tag: &str) -> bool {
     let current = w.current_vector_over("t", &quote_literal(tag));
     w.check_name();
     Spi::get_one::<bool>(&format!(
-        "SELECT EXISTS (SELECT FROM {} t WHERE NOT {} AND t.{} IS NOT NULL AND NOT {current})",
+        "SELECT EXISTS (SELECT FROM {} t WHERE NOT {} AND {} AND t.{} IS NOT NULL AND NOT {current})",
         w.name,
         w.pending_over("t"),
+        w.unheld_over("t"),
         quote_identifier(&w.source_column)
     ))
     .unwrap_or_else(|e| pgrx::error!("doppler: could not scan {}: {e}", w.name))
@@ -738,41 +910,53 @@ fn write_isolated(
     tag: &str,
     claimed: &[Claimed],
     outcomes: &[Outcome],
+    held: &[bool],
     isolate: bool,
 ) -> Vec<Failure> {
+    let written = |i: usize| outcomes[i].vector.is_some() || outcomes[i].hash.is_some();
     let rows: Vec<usize> = (0..claimed.len())
-        .filter(|&i| outcomes[i].vector.is_some() || outcomes[i].hash.is_some())
+        .filter(|&i| written(i) || held[i])
         .collect();
     if rows.is_empty() {
         return Vec::new();
     }
     if !isolate {
-        write_rows(w, tag, claimed, outcomes, &rows);
+        write_rows(w, tag, claimed, outcomes, held, &rows);
         return Vec::new();
     }
-    if in_subtransaction(|| write_rows(w, tag, claimed, outcomes, &rows)).is_ok() {
+    if in_subtransaction(|| write_rows(w, tag, claimed, outcomes, held, &rows)).is_ok() {
         return Vec::new();
     }
     rows.into_iter()
         .filter_map(|i| {
-            in_subtransaction(|| write_rows(w, tag, claimed, outcomes, &[i]))
-                .err()
-                .map(|(code, msg)| Failure {
-                    row: i,
-                    class: "write",
-                    sqlstate: unpack_sqlstate(code as i32),
-                    message: format!("could not write the row's features into {}: {msg}", w.name),
-                })
+            let err = in_subtransaction(|| write_rows(w, tag, claimed, outcomes, held, &[i])).err();
+            // (a row that only failed to be marked held keeps its own failure, and stays in the
+            // pending index, where its record holds it back)
+            err.filter(|_| written(i)).map(|(code, msg)| Failure {
+                row: i,
+                class: "write",
+                sqlstate: unpack_sqlstate(code as i32),
+                message: format!("could not write the row's features into {}: {msg}", w.name),
+            })
         })
         .collect()
 }
 
-fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome], rows: &[usize]) {
+/// Writes the rows' vectors and hashes, and the model tag: the current one where a vector is
+/// written, [`HELD`] where the row failed or was skipped. By ctid, in the claiming transaction.
+fn write_rows(
+    w: &Watched,
+    tag: &str,
+    claimed: &[Claimed],
+    outcomes: &[Outcome],
+    held: &[bool],
+    rows: &[usize],
+) {
     let vec = quote_identifier(&w.vector_column);
     let hash_set = match &w.hash_column {
         Some(h) => {
             let h = quote_identifier(h);
-            format!(", {h} = coalesce({h}, $4)")
+            format!(", {h} = coalesce({h}, $5)")
         }
         None => String::new(),
     };
@@ -780,16 +964,18 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome],
     w.check_name();
     let sql = format!(
         "UPDATE {table} SET {vec} = coalesce({param}, {vec}),
-                {mc} = CASE WHEN $1 IS NULL THEN {mc} ELSE {tag} END{hash_set}
+                {mc} = CASE WHEN $1 IS NOT NULL THEN {tag} WHEN $4 THEN {held}::pg_catalog.text ELSE {mc} END{hash_set}
          WHERE ctid OPERATOR(pg_catalog.=) $2::pg_catalog.tid AND tableoid OPERATOR(pg_catalog.=) $3",
         table = w.name,
         param = w.vector_param(),
         tag = quote_literal(tag),
+        held = quote_literal(HELD),
     );
     let mut types = vec![
         pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
         pgrx::PgOid::from(pg_sys::TEXTOID),
         pgrx::PgOid::from(pg_sys::OIDOID),
+        pgrx::PgOid::from(pg_sys::BOOLOID),
     ];
     if w.hash_column.is_some() {
         types.push(pgrx::PgOid::from(pg_sys::TEXTOID));
@@ -802,6 +988,7 @@ fn write_rows(w: &Watched, tag: &str, claimed: &[Claimed], outcomes: &[Outcome],
                 o.vector.clone().into(),
                 c.ctid.as_str().into(),
                 c.tableoid.into(),
+                held[i].into(),
             ];
             if w.hash_column.is_some() {
                 args.push(o.hash.clone().into());

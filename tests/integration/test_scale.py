@@ -31,7 +31,8 @@ def test_claims_read_the_pending_index_not_the_table(noworker):
         idx = c.execute("""SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
                            WHERE i.indrelid = 'sc'::regclass
                              AND obj_description(i.indexrelid, 'pg_class') LIKE 'doppler:%'""").fetchall()
-        assert len(idx) == 1 and "WHERE ((features IS NULL) AND (img IS NOT NULL))" in idx[0][0], idx
+        assert len(idx) == 1 and ("WHERE ((features IS NULL) AND (img IS NOT NULL) AND "
+                                  "((features_model IS NULL) OR (features_model <> '!failed'::text)))") in idx[0][0], idx
         c.execute("INSERT INTO sc (id, img) SELECT i, %s FROM generate_series(20001, 20003) i", (GOOD[1],))
         c.execute("ANALYZE sc")
         c.execute("CALL doppler.fill('sc')")  # the pending rows, then one scan that finds nothing outdated
@@ -57,6 +58,100 @@ def test_claims_read_the_pending_index_not_the_table(noworker):
         c.execute("SELECT doppler.unwatch('sc')")
         assert c.execute("""SELECT count(*) FROM pg_index i WHERE i.indrelid = 'sc'::regclass
                             AND obj_description(i.indexrelid, 'pg_class') LIKE 'doppler:%'""").fetchone()[0] == 0
+
+
+def index_reads(c, index):
+    c.execute("SELECT pg_stat_force_next_flush()")
+    c.execute("SELECT pg_stat_clear_snapshot()")
+    return c.execute("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelid = %s::regclass",
+                     (index,)).fetchone()[0]
+
+
+def test_failed_rows_leave_the_pending_index(noworker):
+    """A row that failed is held back (its model column says '!failed'): out of the pending
+    index, so 2 000 given-up rows cost a claim nothing, and the table is not scanned. A changed
+    image, a changed key or retry_failed brings a row back; a due record of a row that is gone is
+    forgotten; status counts held rows as failed, exactly and estimated; unwatch clears the
+    marks. As a plain owner of a bytea table."""
+    n = 2000
+    good = open(GOOD[0], "rb").read()
+    with noworker() as c:
+        plain_owner(c, "fl_owner")
+        c.execute("SELECT doppler.register_model('tiny_fl', %s, dim => 16)", (os.path.join(MODELS, "tiny.onnx"),))
+        c.execute("SET doppler.max_attempts = 1")  # given up at the first failure
+        c.execute("SET ROLE fl_owner")
+        c.execute("CREATE TABLE fl_owner.fl (id int PRIMARY KEY, img bytea, features real[], features_model text)")
+        c.execute("INSERT INTO fl_owner.fl SELECT i, '\\x00010203'::bytea FROM generate_series(1, %s::int) i", (n,))
+        c.execute("SELECT doppler.watch('fl_owner.fl', 'img', model => 'tiny_fl', batch_size => 64, mode => 'async')")
+        c.execute("CALL doppler.fill('fl_owner.fl')")
+
+        def counts():
+            return c.execute("""SELECT (SELECT count(*) FROM fl_owner.fl WHERE features_model = '!failed'),
+                                       (SELECT count(*) FROM fl_owner.fl WHERE features IS NOT NULL),
+                                       (SELECT count(*) FROM doppler.failures WHERE relid = 'fl_owner.fl'::regclass),
+                                       (SELECT count(*) FROM doppler.failures WHERE relid = 'fl_owner.fl'::regclass
+                                                                                AND next_attempt IS NULL)""").fetchone()
+
+        def status():
+            return c.execute("""SELECT total, done, pending, failed, exact FROM doppler.status
+                                WHERE table_name = 'fl_owner.fl'::regclass""").fetchone()
+        assert counts() == (n, 0, n, n)
+        assert status() == (n, 0, 0, n, True)
+        assert c.execute("SELECT stale_scan FROM doppler.watched WHERE relid = 'fl_owner.fl'::regclass").fetchone()[0] == "tiny_fl@1"
+        index = c.execute("""SELECT 'fl_owner.' || quote_ident(i.indexrelid::regclass::text) FROM pg_index i
+                             WHERE i.indrelid = 'fl_owner.fl'::regclass
+                             AND obj_description(i.indexrelid, 'pg_class') LIKE 'doppler:%'""").fetchone()[0]
+
+        # new rows: claims read them, not the 2 000 failed ones, and never scan the table
+        c.execute("INSERT INTO fl_owner.fl (id, img) SELECT i, %s FROM generate_series(%s::int, %s::int) i", (good, n + 1, n + 17))
+        c.execute("VACUUM fl_owner.fl")  # (the entries the marking left dead: autovacuum's work)
+        c.execute("RESET ROLE")
+        reads, table = index_reads(c, index), scans(c, "fl_owner.fl")
+        c.execute("SET ROLE fl_owner")
+        claimed = [c.execute("SELECT claimed FROM doppler._fill_batch('fl_owner.fl'::regclass::oid, 8)").fetchone()[0]
+                   for _ in range(4)]
+        assert claimed == [8, 8, 1, 0], claimed
+        c.execute("RESET ROLE")
+        reads_after, table_after = index_reads(c, index), scans(c, "fl_owner.fl")
+        c.execute("SET ROLE fl_owner")
+        assert table_after[0] == table[0], f"the table was scanned: {table} -> {table_after}"
+        # (17 rows, and the entries of the rows filled by the claim before, dead until vacuumed)
+        assert reads_after - reads < 100, f"claims read {reads_after - reads} index entries for 17 rows"
+        assert counts() == (n, 17, n, n)
+
+        # a new image clears the mark (and the row is filled); a held row's new key clears it too
+        c.execute("UPDATE fl_owner.fl SET img = %s WHERE id = 1", (good,))
+        c.execute("UPDATE fl_owner.fl SET id = 100002 WHERE id = 2")
+        assert c.execute("SELECT count(*) FROM fl_owner.fl WHERE id IN (1, 100002) AND features_model IS NULL").fetchone()[0] == 2
+        c.execute("CALL doppler.fill('fl_owner.fl')")
+        assert c.execute("SELECT features IS NOT NULL FROM fl_owner.fl WHERE id = 1").fetchone()[0]
+        assert c.execute("SELECT features_model FROM fl_owner.fl WHERE id = 100002").fetchone()[0] == "!failed"
+        # (records: 3 .. n, '100002', and '2', whose row is gone)
+        assert counts() == (n - 1, 18, n, n)
+
+        # retry_failed: every record due; the rows fail again (held again), the gone row's record goes
+        assert c.execute("SELECT doppler.retry_failed('fl_owner.fl')").fetchone()[0] == n
+        c.execute("CALL doppler.fill('fl_owner.fl')")
+        assert counts() == (n - 1, 18, n - 1, n - 1)
+        assert c.execute("""SELECT count(*) FROM doppler.failures WHERE relid = 'fl_owner.fl'::regclass
+                            AND row_key = '2'""").fetchone()[0] == 0
+        assert status() == (n + 17, 18, 0, n - 1, True)
+        # estimated: the pending index and the failure records
+        c.execute("ANALYZE fl_owner.fl")
+        c.execute("SET doppler.status_exact_rows = 0")
+        assert status() == (n + 17, 18, 0, n - 1, False)
+        c.execute("RESET doppler.status_exact_rows")
+
+        # a row that comes in with a mark but no record (a copy): watch brings it back, the
+        # rows held with records stay held
+        c.execute("INSERT INTO fl_owner.fl (id, img, features_model) VALUES (300000, %s, '!failed')", (good,))
+        c.execute("SELECT doppler.watch('fl_owner.fl', 'img', model => 'tiny_fl', batch_size => 64, mode => 'async')")
+        assert c.execute("SELECT features_model FROM fl_owner.fl WHERE id = 300000").fetchone()[0] is None
+        assert counts() == (n - 1, 18, n - 1, n - 1)
+
+        # unwatch: no row stays marked
+        c.execute("SELECT doppler.unwatch('fl_owner.fl')")
+        assert c.execute("SELECT count(*) FROM fl_owner.fl WHERE features_model = '!failed'").fetchone()[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from conftest import AS_ROOT, BINDIR, DB, PG_CONFIG, Cluster, as_pg, fixture_pat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-OLD, NEW = "0.1.0", "0.3.0"
+OLD, NEW = "0.1.0", "0.4.0"
 RESTORED = "doppler_restored"
 MODELS = os.environ.get("DOPPLER_MODELS", os.environ.get("DOPPLER_DEPS", "/opt/doppler") + "/models")
 GOOD = [p for p in fixture_paths() if "large_" not in p]
@@ -158,7 +158,7 @@ def fingerprint(conn):
 
 
 def test_updated_catalog_equals_a_fresh_install(old):
-    """0.1.0 + the update scripts (0.1.0 → 0.2.0 → 0.3.0) define every object exactly as CREATE EXTENSION of 0.3.0 does."""
+    """0.1.0 + the update scripts (0.1.0 → 0.2.0 → 0.3.0 → 0.4.0) define every object exactly as CREATE EXTENSION of 0.4.0 does."""
     with old.connect("postgres") as c:
         c.execute("DROP DATABASE IF EXISTS doppler_fresh")
         c.execute("CREATE DATABASE doppler_fresh")

@@ -4,8 +4,16 @@
 //!   same settings (accurate integer IDCT, fancy upsampling), so the pixels are PIL's bit for bit.
 //!   Grayscale is replicated; CMYK/YCCK is read with Adobe polarity (as PIL always assumes) and
 //!   converted with PIL's `cmyk2rgb` integer formula.
-//! * PNG, GIF (first frame), WebP, BMP, TIFF go through the `image` crate. Alpha is dropped, not
-//!   composited (PIL's RGBA→RGB); palettes are expanded; gray is replicated.
+//!   libjpeg's warnings (junk before a marker, a data segment that ends early, a bad ICC marker)
+//!   are not errors, as in PIL; a file that ends inside the image is (PIL: "truncated").
+//! * GIF: the first frame as PIL's GifImagePlugin shows it (indices through the palette on a
+//!   canvas of the transparent index; no palette: gray), through the `gif` crate.
+//! * PNG, WebP, BMP, TIFF go through the `image` crate. Alpha is dropped, not
+//!   composited (PIL's RGBA→RGB); palettes are expanded; gray is replicated. TIFF turns by its
+//!   Orientation tag, as PIL's TIFF reader does; TIFFs the `image` crate refuses or trips on
+//!   (1/2/4-bit gray, palette, separate planes) are read chunk by chunk with the `tiff` crate.
+//! * A decoder panic is caught and reported as an unsupported layout (0A000), never internal.
+//!   README's format table lists what is exact, what differs, and what is refused.
 //! * 16-bit samples keep their high byte. PIL does the same for 16-bit RGB, but clamps 16-bit
 //!   *grayscale* (mode `I;16`) to 255, which turns almost every such image white; doppler
 //!   deliberately scales instead (documented deviation).
@@ -124,6 +132,223 @@ pub fn decode_rgb(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage>
         }
     }
     let fmt_name = format!("{format:?}").to_uppercase();
+    // (a decoder that panics on a layout it does not handle, as the tiff crate's assertion on
+    // tiled files with separate planes: refused as unsupported, never an internal error)
+    let decoded = std::panic::catch_unwind(|| match format {
+        ImageFormat::Gif => decode_gif(bytes, what, limits),
+        _ => decode_with_image(bytes, what, limits, format, &fmt_name),
+    });
+    // TIFFs the image crate refuses or trips on (1, 2 and 4-bit gray, separate planes): chunk by
+    // chunk through the tiff crate, as PIL's unpackers read them
+    if format == ImageFormat::Tiff
+        && matches!(
+            &decoded,
+            Err(_)
+                | Ok(Err(Error {
+                    kind: ErrorKind::Unsupported,
+                    ..
+                }))
+        )
+    {
+        if let Ok(Ok(Some(img))) =
+            std::panic::catch_unwind(|| decode_tiff_chunks(bytes, what, limits))
+        {
+            return Ok(img);
+        }
+    }
+    decoded.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{what} uses a {fmt_name} layout that the decoder does not handle ({msg})"),
+        ))
+    })
+}
+
+/// A TIFF of 1, 2, 4 or 8-bit gray, or 8-bit RGB(A), chunky or planar, strips or tiles: read
+/// chunk by chunk with the tiff crate. Samples below 8 bits scale as PIL's unpackers do (x255,
+/// x85, x17); WhiteIsZero is inverted; the Orientation tag applies. `Ok(None)`: not such a TIFF.
+fn decode_tiff_chunks(bytes: &[u8], what: &str, limits: &Limits) -> Result<Option<RgbImage>> {
+    use tiff::decoder::{Decoder, DecodingResult};
+    use tiff::tags::Tag;
+    use tiff::ColorType;
+    let corrupt = |e: tiff::TiffError| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a corrupt TIFF image: {e}"),
+        )
+    };
+    // a palette TIFF (PhotometricInterpretation 3), which the tiff crate does not take: read
+    // its indices as gray (the tag patched to 1 in a copy) and map them through ColorMap
+    let patched;
+    let (bytes, palette) = match photometric_entry(bytes) {
+        Some((at, 3)) => {
+            let mut b = bytes.to_vec();
+            let one = if bytes[0] == b'I' { [1, 0] } else { [0, 1] };
+            b[at..at + 2].copy_from_slice(&one);
+            patched = b;
+            (&patched[..], true)
+        }
+        _ => (bytes, false),
+    };
+    let mut tl = tiff::decoder::Limits::default();
+    tl.decoding_buffer_size = (limits.max_pixels as usize)
+        .saturating_mul(4)
+        .saturating_add(1 << 20);
+    let Ok(d) = Decoder::new(Cursor::new(bytes)) else {
+        return Ok(None);
+    };
+    let mut d = d.with_limits(tl);
+    let (w, h) = d.dimensions().map_err(corrupt)?;
+    limits.check(what, w as u64, h as u64)?;
+    let colortype = d.colortype().map_err(corrupt)?;
+    let (spp, bits) = match colortype {
+        ColorType::Gray(b) if [1, 2, 4, 8].contains(&b) => (1usize, b as usize),
+        ColorType::RGB(8) => (3, 8),
+        ColorType::RGBA(8) => (4, 8),
+        _ => return Ok(None),
+    };
+    let tag = |d: &mut Decoder<Cursor<&[u8]>>, t: Tag| -> Option<u32> {
+        d.find_tag(t).ok().flatten().and_then(|v| v.into_u32().ok())
+    };
+    let planar = tag(&mut d, Tag::PlanarConfiguration) == Some(2);
+    let white_is_zero =
+        spp == 1 && !palette && tag(&mut d, Tag::PhotometricInterpretation) == Some(0);
+    let orientation = tag(&mut d, Tag::Orientation);
+    // a palette: 16-bit red, green and blue tables, of which PIL keeps the high byte
+    let colormap = match palette && spp == 1 {
+        true => {
+            let map = d
+                .find_tag(Tag::ColorMap)
+                .ok()
+                .flatten()
+                .and_then(|v| v.into_u16_vec().ok())
+                .filter(|m| m.len() >= 3 << bits)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!("{what} is a corrupt TIFF image: its palette is missing or short"),
+                    )
+                })?;
+            Some(map)
+        }
+        false => None,
+    };
+    let (cw, ch) = d.chunk_dimensions();
+    let (w, h, cw, ch) = (
+        w as usize,
+        h as usize,
+        cw.max(1) as usize,
+        ch.max(1) as usize,
+    );
+    let (across, down) = (w.div_ceil(cw), h.div_ceil(ch));
+    let (planes, in_chunk) = if planar { (spp, 1) } else { (1, spp) };
+    let max = (1u32 << bits) - 1;
+    let mut out = vec![0u8; w * h * spp];
+    for plane in 0..planes {
+        for cy in 0..down {
+            for cx in 0..across {
+                let index = (plane * across * down + cy * across + cx) as u32;
+                let (dw, dh) = d.chunk_data_dimensions(index);
+                let DecodingResult::U8(v) = d.read_chunk(index).map_err(corrupt)? else {
+                    return Ok(None);
+                };
+                let row_bytes = (dw as usize * in_chunk * bits).div_ceil(8);
+                for y in 0..(dh as usize).min(h - cy * ch) {
+                    for x in 0..(dw as usize).min(w - cx * cw) {
+                        for s in 0..in_chunk {
+                            let bit = (x * in_chunk + s) * bits;
+                            let byte = *v.get(y * row_bytes + bit / 8).unwrap_or(&0) as u32;
+                            let raw = (byte >> (8 - bits - bit % 8)) & max;
+                            // (a palette index stays an index, mapped below)
+                            let mut val = if colormap.is_some() {
+                                raw as u8
+                            } else {
+                                (raw * 255 / max) as u8
+                            };
+                            if white_is_zero {
+                                val = 255 - val;
+                            }
+                            let px = (cy * ch + y) * w + cx * cw + x;
+                            out[px * spp + plane + s] = val;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let (w32, h32) = (w as u32, h as u32);
+    let (out, spp) = match &colormap {
+        Some(map) => {
+            let n = 1usize << bits;
+            let rgb = out
+                .iter()
+                .flat_map(|&i| {
+                    let i = i as usize;
+                    [map[i], map[n + i], map[2 * n + i]].map(|c| (c >> 8) as u8)
+                })
+                .collect();
+            (rgb, 3)
+        }
+        None => (out, spp),
+    };
+    let mut img = match spp {
+        1 => image::GrayImage::from_raw(w32, h32, out).map(DynamicImage::ImageLuma8),
+        3 => image::RgbImage::from_raw(w32, h32, out).map(DynamicImage::ImageRgb8),
+        _ => image::RgbaImage::from_raw(w32, h32, out).map(DynamicImage::ImageRgba8),
+    }
+    .ok_or_else(|| Error::new(ErrorKind::Internal, "TIFF buffer size"))?;
+    if let Some(o) = orientation
+        .and_then(|o| u8::try_from(o).ok())
+        .and_then(image::metadata::Orientation::from_exif)
+    {
+        img.apply_orientation(o);
+    }
+    Ok(Some(to_rgb8(img)))
+}
+
+/// Where the first IFD of a classic TIFF keeps its PhotometricInterpretation value (the byte
+/// offset of the SHORT), and the value.
+fn photometric_entry(b: &[u8]) -> Option<(usize, u16)> {
+    let le = match b.get(..4)? {
+        [b'I', b'I', 42, 0] => true,
+        [b'M', b'M', 0, 42] => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| -> Option<u16> {
+        let x: [u8; 2] = b.get(at..at + 2)?.try_into().ok()?;
+        Some(if le {
+            u16::from_le_bytes(x)
+        } else {
+            u16::from_be_bytes(x)
+        })
+    };
+    let x: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+    let ifd = if le {
+        u32::from_le_bytes(x)
+    } else {
+        u32::from_be_bytes(x)
+    } as usize;
+    let n = u16_at(ifd)? as usize;
+    (0..n)
+        .map(|i| ifd + 2 + 12 * i)
+        .find(|&e| u16_at(e) == Some(262) && u16_at(e + 2) == Some(3))
+        .and_then(|e| Some((e + 8, u16_at(e + 8)?)))
+}
+
+/// PNG, WebP, BMP, TIFF through the `image` crate.
+fn decode_with_image(
+    bytes: &[u8],
+    what: &str,
+    limits: &Limits,
+    format: ImageFormat,
+    fmt_name: &str,
+) -> Result<RgbImage> {
+    let fmt_name = fmt_name.to_string();
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder = reader
         .into_decoder()
@@ -138,7 +363,17 @@ pub fn decode_rgb(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage>
     decoder
         .set_limits(lim)
         .map_err(|e| image_error(what, &fmt_name, e))?;
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(what, &fmt_name, e))?;
+    // PIL's TIFF reader turns the image as its Orientation tag says (its JPEG, PNG and WebP
+    // readers do not look at EXIF orientation, and neither do we)
+    let orientation = match format {
+        ImageFormat::Tiff => decoder.orientation().ok(),
+        _ => None,
+    };
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| image_error(what, &fmt_name, e))?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
     Ok(to_rgb8(img))
 }
 
@@ -161,6 +396,103 @@ fn image_error(what: &str, format: &str, e: ImageError) -> Error {
             format!("{what} is a corrupt {format} image: {other}"),
         ),
     }
+}
+
+/// A GIF's first frame as PIL shows it (GifImagePlugin, frame 0): a canvas of the logical
+/// screen's size (grown to hold the frame), filled with the frame's transparent index (else
+/// index 0), the frame's indices drawn at its offset, transparent ones included; then each index
+/// through the frame's palette (else the global one). Without any palette, PIL's mode "L": the
+/// index is the gray value. Neither transparency nor disposal changes the first frame's colours.
+fn decode_gif(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage> {
+    let gif_error = |e: gif::DecodingError| match e {
+        gif::DecodingError::MemoryLimit => Error::new(
+            ErrorKind::TooLarge,
+            format!("{what} is over a decoder limit: its frame needs too much memory"),
+        ),
+        gif::DecodingError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a truncated GIF image"),
+        ),
+        gif::DecodingError::UnexpectedEof => Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a truncated GIF image"),
+        ),
+        other => Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a corrupt GIF image: {other}"),
+        ),
+    };
+    let mut options = gif::DecodeOptions::new();
+    options.set_color_output(gif::ColorOutput::Indexed);
+    options.check_frame_consistency(false);
+    options.allow_unknown_blocks(true);
+    let frame_limit = limits.max_pixels.saturating_add(1 << 20).max(1);
+    options.set_memory_limit(gif::MemoryLimit::Bytes(
+        std::num::NonZeroU64::new(frame_limit).unwrap_or(std::num::NonZeroU64::MIN),
+    ));
+    // no global colour table: PIL's mode "L" (the index is the gray value), which is what a
+    // gray ramp as the global table gives; the gif crate wants a table for every frame
+    let with_ramp;
+    let bytes = if bytes.len() > 13 && bytes[10] & 0x80 == 0 {
+        let mut b = Vec::with_capacity(bytes.len() + 768);
+        b.extend_from_slice(&bytes[..10]);
+        b.push(bytes[10] | 0x87);
+        b.extend_from_slice(&bytes[11..13]);
+        b.extend((0..=255u8).flat_map(|v| [v, v, v]));
+        b.extend_from_slice(&bytes[13..]);
+        with_ramp = b;
+        &with_ramp[..]
+    } else {
+        bytes
+    };
+    let mut decoder = options.read_info(Cursor::new(bytes)).map_err(gif_error)?;
+    let (sw, sh) = (decoder.width() as u64, decoder.height() as u64);
+    let global = decoder.global_palette().map(|p| p.to_vec());
+    let frame = decoder
+        .read_next_frame()
+        .map_err(gif_error)?
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("{what} is a GIF without any frame"),
+            )
+        })?;
+    let (left, top) = (frame.left as u64, frame.top as u64);
+    let (fw, fh) = (frame.width as u64, frame.height as u64);
+    let (w, h) = (sw.max(left + fw), sh.max(top + fh));
+    limits.check(what, w, h)?;
+    if (frame.buffer.len() as u64) < fw * fh {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a corrupt GIF image: its first frame is short of pixels"),
+        ));
+    }
+    let (w, h) = (w as usize, h as usize);
+    let mut canvas = vec![frame.transparent.unwrap_or(0); w * h];
+    for y in 0..fh as usize {
+        let row = &frame.buffer[y * fw as usize..(y + 1) * fw as usize];
+        let at = (top as usize + y) * w + left as usize;
+        canvas[at..at + fw as usize].copy_from_slice(row);
+    }
+    let palette = frame.palette.clone().or(global);
+    let mut data = Vec::with_capacity(w * h * 3);
+    match palette {
+        Some(p) => {
+            for &i in &canvas {
+                let at = i as usize * 3;
+                // (an index past the palette: black, as PIL's palette reads past its colours)
+                data.extend_from_slice(p.get(at..at + 3).unwrap_or(&[0, 0, 0]));
+            }
+        }
+        None => canvas
+            .iter()
+            .for_each(|&v| data.extend_from_slice(&[v, v, v])),
+    }
+    Ok(RgbImage {
+        width: w as u32,
+        height: h as u32,
+        data,
+    })
 }
 
 /// PIL's `convert('RGB')`, with 16-bit samples reduced to their high byte.
@@ -206,63 +538,212 @@ fn to_rgb8(img: DynamicImage) -> RgbImage {
 }
 
 fn decode_jpeg(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage> {
-    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat};
-    let corrupt = |e: turbojpeg::Error| {
+    use turbojpeg::raw;
+    let corrupt = |e: String| {
         Error::new(
             ErrorKind::Corrupt,
             format!("{what} is a corrupt or truncated JPEG image: {e}"),
         )
     };
-    let mut dec = Decompressor::new()
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("libjpeg-turbo: {e}")))?;
-    let header = dec.read_header(bytes).map_err(corrupt)?;
-    let (w, h) = (header.width, header.height);
+    // The file must end the image (an EOI after its last scan): libjpeg pads a truncated image
+    // with gray, and reports it only as a warning (and only the first warning's text survives);
+    // PIL stops with "image file is truncated".
+    if !ends_its_image(bytes) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{what} is a truncated JPEG image: it ends inside the image (no EOI marker)"),
+        ));
+    }
+    let mut dec = tj::Decompressor::new()
+        .ok_or_else(|| Error::new(ErrorKind::Internal, "libjpeg-turbo: out of memory"))?;
+    // a progressive file of thousands of scans would hold a batch for minutes (libjpeg-turbo's
+    // own tools stop at 500, as here)
+    dec.set(raw::TJPARAM_TJPARAM_SCANLIMIT, 500)
+        .map_err(corrupt)?;
+    // libjpeg's warnings (extraneous bytes before a marker, a premature end of a data segment, a
+    // bad ICC marker, an unknown JFIF revision) are not errors: PIL reads such files, and so do we
+    dec.read_header(bytes).map_err(corrupt)?;
+    let (w, h) = (
+        dec.get(raw::TJPARAM_TJPARAM_JPEGWIDTH),
+        dec.get(raw::TJPARAM_TJPARAM_JPEGHEIGHT),
+    );
+    if w <= 0 || h <= 0 {
+        return Err(corrupt(format!("its header gives a size of {w}x{h}")));
+    }
+    let (w, h) = (w as usize, h as usize);
     limits.check(what, w as u64, h as u64)?;
-    if header.is_lossless {
+    if dec.get(raw::TJPARAM_TJPARAM_LOSSLESS) != 0 {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!("{what} is a lossless JPEG, which is not supported"),
         ));
     }
+    let precision = dec.get(raw::TJPARAM_TJPARAM_PRECISION);
+    if precision != 8 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{what} is a {precision}-bit JPEG; only 8-bit JPEG is supported"),
+        ));
+    }
+    // (TJSCALED: ceil(dimension * num / denom))
+    let scaled = |d: usize, denom: usize| d.div_ceil(denom);
     let (w, h) = if limits.jpeg_draft_size > 0 {
         let min = limits.jpeg_draft_size as usize;
-        let factor = [8, 4, 2]
+        match [8, 4, 2]
             .into_iter()
-            .map(|d| turbojpeg::ScalingFactor::new(1, d))
-            .find(|f| f.scale(w) >= min && f.scale(h) >= min);
-        match factor {
-            Some(f) => {
-                dec.set_scaling_factor(f).map_err(corrupt)?;
-                (f.scale(w), f.scale(h))
+            .find(|&d| scaled(w, d) >= min && scaled(h, d) >= min)
+        {
+            Some(d) => {
+                dec.set_scaling_factor(1, d as i32).map_err(corrupt)?;
+                (scaled(w, d), scaled(h, d))
             }
             None => (w, h),
         }
     } else {
         (w, h)
     };
-    let format = match header.colorspace {
-        Colorspace::Gray => PixelFormat::GRAY,
-        Colorspace::CMYK | Colorspace::YCCK => PixelFormat::CMYK,
-        _ => PixelFormat::RGB,
+    let colorspace = dec.get(raw::TJPARAM_TJPARAM_COLORSPACE);
+    let (format, size) = match colorspace as raw::TJCS {
+        raw::TJCS_TJCS_GRAY => (raw::TJPF_TJPF_GRAY, 1),
+        raw::TJCS_TJCS_CMYK | raw::TJCS_TJCS_YCCK => (raw::TJPF_TJPF_CMYK, 4),
+        _ => (raw::TJPF_TJPF_RGB, 3),
     };
-    let mut out = Image {
-        pixels: vec![0u8; w * h * format.size()],
-        width: w,
-        pitch: w * format.size(),
-        height: h,
-        format,
-    };
-    dec.decompress(bytes, out.as_deref_mut()).map_err(corrupt)?;
-    let data = match format {
-        PixelFormat::GRAY => out.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-        PixelFormat::CMYK => out.pixels.chunks_exact(4).flat_map(cmyk_to_rgb).collect(),
-        _ => out.pixels,
+    let mut pixels = vec![0u8; w * h * size];
+    dec.decompress(bytes, &mut pixels, w, h, w * size, format)
+        .map_err(corrupt)?;
+    let data = match size {
+        1 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        4 => pixels.chunks_exact(4).flat_map(cmyk_to_rgb).collect(),
+        _ => pixels,
     };
     Ok(RgbImage {
         width: w as u32,
         height: h as u32,
         data,
     })
+}
+
+/// Whether an EOI marker (FF D9) follows the last start of scan (FF DA). Inside entropy-coded
+/// data every FF byte is stuffed (FF 00), so both byte pairs are markers where they appear.
+fn ends_its_image(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|p| p == [0xFF, 0xDA]);
+    match last_sos {
+        Some(at) => bytes[at..].windows(2).any(|p| p == [0xFF, 0xD9]),
+        None => true, // no scan at all: libjpeg says what is wrong
+    }
+}
+
+/// libjpeg-turbo's TurboJPEG 3 API, called directly: the `turbojpeg` crate reports a warning
+/// (TJERR_WARNING: libjpeg read the image, and says the data was damaged) as an error, and does
+/// not say which it was. PIL ignores libjpeg's warnings, as libjpeg's own tools do.
+mod tj {
+    use std::ffi::{c_int, CStr};
+    use turbojpeg::raw;
+
+    pub struct Decompressor(raw::tjhandle);
+
+    impl Decompressor {
+        pub fn new() -> Option<Decompressor> {
+            // SAFETY: tj3Init has no preconditions; a NULL handle is checked.
+            let h = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as c_int) };
+            (!h.is_null()).then_some(Decompressor(h))
+        }
+
+        /// A call's result: Ok when it succeeded or only warned, Err with libjpeg's message.
+        fn check(&mut self, rc: c_int) -> Result<(), String> {
+            if rc == 0 {
+                return Ok(());
+            }
+            // SAFETY: the handle is valid until drop; the error string is owned by the handle
+            // and copied before any other call.
+            let (code, msg) = unsafe {
+                (
+                    raw::tj3GetErrorCode(self.0),
+                    CStr::from_ptr(raw::tj3GetErrorStr(self.0))
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            };
+            // (except the end of the data before the image's end: libjpeg pads the rest with
+            // gray, PIL stops with "image file is truncated")
+            if code == raw::TJERR_TJERR_WARNING as c_int
+                && !msg.contains("Premature end of JPEG file")
+            {
+                Ok(())
+            } else {
+                Err(msg)
+            }
+        }
+
+        pub fn read_header(&mut self, jpeg: &[u8]) -> Result<(), String> {
+            // SAFETY: pointer and length describe `jpeg`, which outlives the call.
+            let rc = unsafe {
+                raw::tj3DecompressHeader(self.0, jpeg.as_ptr(), jpeg.len() as raw::size_t)
+            };
+            self.check(rc)
+        }
+
+        pub fn set(&mut self, param: raw::TJPARAM, value: c_int) -> Result<(), String> {
+            // SAFETY: a valid handle and a parameter of the TJPARAM enum.
+            let rc = unsafe { raw::tj3Set(self.0, param as c_int, value) };
+            self.check(rc)
+        }
+
+        pub fn get(&mut self, param: raw::TJPARAM) -> c_int {
+            // SAFETY: a valid handle and a parameter of the TJPARAM enum.
+            unsafe { raw::tj3Get(self.0, param as c_int) }
+        }
+
+        pub fn set_scaling_factor(&mut self, num: c_int, denom: c_int) -> Result<(), String> {
+            // SAFETY: a valid handle; libjpeg-turbo checks the factor.
+            let rc =
+                unsafe { raw::tj3SetScalingFactor(self.0, raw::tjscalingfactor { num, denom }) };
+            self.check(rc)
+        }
+
+        /// Decompresses into `out`, `height` rows of `pitch` bytes in pixel format `format`; the
+        /// caller sized `out` for the header's (scaled) size.
+        pub fn decompress(
+            &mut self,
+            jpeg: &[u8],
+            out: &mut [u8],
+            width: usize,
+            height: usize,
+            pitch: usize,
+            format: raw::TJPF,
+        ) -> Result<(), String> {
+            if out.len() < pitch * height || pitch < width {
+                return Err("output buffer too small".into());
+            }
+            let (Ok(p), Ok(_), Ok(_)) = (
+                c_int::try_from(pitch),
+                c_int::try_from(width),
+                c_int::try_from(height),
+            ) else {
+                return Err("image too large".into());
+            };
+            // SAFETY: `out` holds `height` rows of `pitch` bytes (checked above), and libjpeg-turbo
+            // writes the scaled image's rows, whose size the caller computed as TJSCALED does.
+            let rc = unsafe {
+                raw::tj3Decompress8(
+                    self.0,
+                    jpeg.as_ptr(),
+                    jpeg.len() as raw::size_t,
+                    out.as_mut_ptr(),
+                    p,
+                    format as c_int,
+                )
+            };
+            self.check(rc)
+        }
+    }
+
+    impl Drop for Decompressor {
+        fn drop(&mut self) {
+            // SAFETY: the handle came from tj3Init and is destroyed once.
+            unsafe { raw::tj3Destroy(self.0) }
+        }
+    }
 }
 
 /// PIL: JPEG CMYK is read with inverted (Adobe) polarity, then `cmyk2rgb` in Convert.c:
