@@ -64,6 +64,9 @@ def jpeg_cases(img):
     yield "jpeg", "ff00_after_soi", base[:2] + b"\xff\x00" + base[2:], "FF00 after the SOI (libjpeg warns)"
     yield "jpeg", "junk_before_eoi", base[:eoi] + b"garbage" + base[eoi:], "junk after the scan, before the EOI"
     yield "jpeg", "trailing_garbage", base + b"\x00" * 100 + b"trailing", "bytes after the EOI"
+    tail = bytes(np.random.default_rng(7).integers(0, 256, 300000, dtype=np.uint8)) + b"\xff\xda\x00\x08"
+    yield "jpeg", "trailing_video", base + tail, "300 kB of binary data after the EOI, ending in FF DA (a motion photo's video)"
+    yield "jpeg", "mpo_like", base + base, "a second JPEG after the first (MPO)"
     app0 = next(o for o, m, _ in segs if m == 0xE0)
     jfif = bytearray(base)
     jfif[app0 + 9:app0 + 11] = b"\x09\x09"

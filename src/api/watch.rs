@@ -423,8 +423,12 @@ fn _watch(
         .expect("just registered");
     // rows held back without a failure record (their records went with a dropped column, or
     // they came in with their marks: a copy, a restore of one table, a partition attached), and
-    // every held row when the columns moved: to do again
-    as_owner(rel.owner, || unmark(&w, !moved));
+    // every held row when the source column changed (their records name the old one's values):
+    // to do again. (Another vector, hash or model column keeps the given-up rows given up.)
+    let source_moved = current
+        .as_ref()
+        .is_some_and(|c| c.source_column != source_column);
+    as_owner(rel.owner, || unmark(&w, !source_moved));
     as_owner(rel.owner, || triggers::replace(&w));
     wake();
     format!(

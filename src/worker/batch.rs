@@ -693,27 +693,22 @@ fn claim(
     let due = due_retries(w, limit);
     let mut obsolete = Vec::new();
     if !due.is_empty() {
-        // (keys are cast to the key's type: a record whose key no longer fits it, after the
-        // table's key changed, must not stop every claim; it is tried alone, and forgotten)
-        match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None)) {
-            Ok(more) => add(&mut rows, more),
+        // (keys are cast to the key's type, so that its index serves them; a record whose key no
+        // longer fits it, after the key's type changed, must not stop every claim: then the keys
+        // are compared as text, a scan, until those records settle. Other errors are raised.)
+        let (more, by) = match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None)) {
+            Ok(more) => (more, w.clone()),
             Err(_) => {
-                for k in &due {
-                    let one = std::slice::from_ref(k);
-                    match in_subtransaction(|| claim_where(w, 1, Some(one), tag, None)) {
-                        Ok(more) => add(&mut rows, more),
-                        Err(_) => obsolete.push(k.clone()),
-                    }
-                }
+                let text = Watched {
+                    key_type: None,
+                    ..w.clone()
+                };
+                (claim_where(&text, limit, Some(&due), tag, None), text)
             }
-        }
-        if rows.len() + obsolete.len() < due.len() {
-            let rest: Vec<String> = due
-                .iter()
-                .filter(|k| !obsolete.contains(k))
-                .cloned()
-                .collect();
-            obsolete.extend(in_subtransaction(|| without_work(w, &rest, tag)).unwrap_or_default());
+        };
+        add(&mut rows, more);
+        if rows.len() < due.len() {
+            obsolete = without_work(&by, &due, tag);
         }
     }
     if (rows.len() as i64) < limit {

@@ -149,6 +149,19 @@ def test_failed_rows_leave_the_pending_index(noworker):
         assert c.execute("SELECT features_model FROM fl_owner.fl WHERE id = 300000").fetchone()[0] is None
         assert counts() == (n - 1, 18, n - 1, n - 1)
 
+        # a due record whose key no longer fits the key's type (as after ALTER COLUMN TYPE):
+        # claims go on (the keys compared as text), and the record is forgotten
+        c.execute("RESET ROLE")
+        c.execute("""INSERT INTO doppler.failures (relid, row_key, source, error_class, sqlstate, message, next_attempt)
+                     VALUES ('fl_owner.fl', 'not-an-int', NULL, 'decode', '22P03', 'x', now() - interval '1 minute')""")
+        c.execute("SET ROLE fl_owner")
+        c.execute("INSERT INTO fl_owner.fl (id, img) VALUES (300001, %s)", (good,))
+        # (and the row watch brought back)
+        assert c.execute("SELECT claimed FROM doppler._fill_batch('fl_owner.fl'::regclass::oid, 8)").fetchone()[0] == 2
+        assert c.execute("SELECT count(*) FROM fl_owner.fl WHERE id >= 300000 AND features IS NOT NULL").fetchone()[0] == 2
+        assert c.execute("""SELECT count(*) FROM doppler.failures WHERE relid = 'fl_owner.fl'::regclass
+                            AND row_key = 'not-an-int'""").fetchone()[0] == 0
+
         # unwatch: no row stays marked
         c.execute("SELECT doppler.unwatch('fl_owner.fl')")
         assert c.execute("SELECT count(*) FROM fl_owner.fl WHERE features_model = '!failed'").fetchone()[0] == 0

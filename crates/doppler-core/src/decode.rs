@@ -623,13 +623,54 @@ fn decode_jpeg(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage> {
     })
 }
 
-/// Whether an EOI marker (FF D9) follows the last start of scan (FF DA). Inside entropy-coded
-/// data every FF byte is stuffed (FF 00), so both byte pairs are markers where they appear.
-fn ends_its_image(bytes: &[u8]) -> bool {
-    let last_sos = bytes.windows(2).rposition(|p| p == [0xFF, 0xDA]);
-    match last_sos {
-        Some(at) => bytes[at..].windows(2).any(|p| p == [0xFF, 0xD9]),
-        None => true, // no scan at all: libjpeg says what is wrong
+/// Whether the image ends: walking the file's markers from the SOI as libjpeg does (segments
+/// skipped by their length, entropy-coded data by its stuffing: `FF 00`, restart markers, fill
+/// bytes; junk between markers skipped), an EOI comes before the data ends. What follows the
+/// EOI (a motion photo's video, an MPO's next image, zeros) is not looked at.
+fn ends_its_image(b: &[u8]) -> bool {
+    let mut i = 2; // after the SOI
+    loop {
+        // the next marker: junk before it skipped (libjpeg warns), fill bytes too
+        while i < b.len() && b[i] != 0xFF {
+            i += 1;
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = b.get(i) else {
+            return false;
+        };
+        i += 1;
+        match m {
+            0xD9 => return true,
+            0x00 | 0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let Some(len) = b
+                    .get(i..i + 2)
+                    .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+                else {
+                    return false;
+                };
+                i += len.max(2);
+                if m == 0xDA {
+                    // entropy-coded data up to the next marker that is not stuffing or a restart
+                    loop {
+                        while i < b.len() && b[i] != 0xFF {
+                            i += 1;
+                        }
+                        let mut j = i;
+                        while j < b.len() && b[j] == 0xFF {
+                            j += 1;
+                        }
+                        match b.get(j) {
+                            None => return false,
+                            Some(0x00) | Some(0xD0..=0xD7) => i = j + 1,
+                            Some(_) => break, // a marker: the outer loop reads it
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
