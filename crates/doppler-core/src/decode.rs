@@ -134,6 +134,15 @@ pub fn decode_rgb(bytes: &[u8], what: &str, limits: &Limits) -> Result<RgbImage>
     let fmt_name = format!("{format:?}").to_uppercase();
     // (a decoder that panics on a layout it does not handle, as the tiff crate's assertion on
     // tiled files with separate planes: refused as unsupported, never an internal error)
+    // TIFFs with separate planes go straight to the chunk reader: the tiff crate's own path
+    // trips an assertion on their edge tiles
+    if format == ImageFormat::Tiff && tiff_short(bytes, 284).map(|e| e.1) == Some(2) {
+        if let Ok(Ok(Some(img))) =
+            std::panic::catch_unwind(|| decode_tiff_chunks(bytes, what, limits))
+        {
+            return Ok(img);
+        }
+    }
     let decoded = std::panic::catch_unwind(|| match format {
         ImageFormat::Gif => decode_gif(bytes, what, limits),
         _ => decode_with_image(bytes, what, limits, format, &fmt_name),
@@ -185,7 +194,7 @@ fn decode_tiff_chunks(bytes: &[u8], what: &str, limits: &Limits) -> Result<Optio
     // a palette TIFF (PhotometricInterpretation 3), which the tiff crate does not take: read
     // its indices as gray (the tag patched to 1 in a copy) and map them through ColorMap
     let patched;
-    let (bytes, palette) = match photometric_entry(bytes) {
+    let (bytes, palette) = match tiff_short(bytes, 262) {
         Some((at, 3)) => {
             let mut b = bytes.to_vec();
             let one = if bytes[0] == b'I' { [1, 0] } else { [0, 1] };
@@ -311,9 +320,9 @@ fn decode_tiff_chunks(bytes: &[u8], what: &str, limits: &Limits) -> Result<Optio
     Ok(Some(to_rgb8(img)))
 }
 
-/// Where the first IFD of a classic TIFF keeps its PhotometricInterpretation value (the byte
-/// offset of the SHORT), and the value.
-fn photometric_entry(b: &[u8]) -> Option<(usize, u16)> {
+/// Where the first IFD of a classic TIFF keeps the SHORT value of `tag` (its byte offset), and
+/// the value: PhotometricInterpretation (262), PlanarConfiguration (284).
+fn tiff_short(b: &[u8], tag: u16) -> Option<(usize, u16)> {
     let le = match b.get(..4)? {
         [b'I', b'I', 42, 0] => true,
         [b'M', b'M', 0, 42] => false,
@@ -336,7 +345,7 @@ fn photometric_entry(b: &[u8]) -> Option<(usize, u16)> {
     let n = u16_at(ifd)? as usize;
     (0..n)
         .map(|i| ifd + 2 + 12 * i)
-        .find(|&e| u16_at(e) == Some(262) && u16_at(e + 2) == Some(3))
+        .find(|&e| u16_at(e) == Some(tag) && u16_at(e + 2) == Some(3))
         .and_then(|e| Some((e + 8, u16_at(e + 8)?)))
 }
 
