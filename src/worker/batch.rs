@@ -243,6 +243,16 @@ impl Watched {
         )
     }
 
+    /// Rows with work to do for model `tag`, over alias `t`: no vector of that model, or (with a
+    /// hash column) no hash. What claims take, and what a due failure record needs to stay.
+    pub fn todo_over(&self, alias: &str, tag: &str) -> String {
+        let current = self.current_vector_over(alias, &quote_literal(tag));
+        match &self.hash_column {
+            Some(h) => format!("(NOT {current} OR {alias}.{} IS NULL)", quote_identifier(h)),
+            None => format!("NOT {current}"),
+        }
+    }
+
     /// `$1::real[]` cast to the vector column's type (qualified: pgvector may be in any schema).
     fn vector_param(&self) -> String {
         match self.vector_kind.as_str() {
@@ -736,11 +746,7 @@ fn without_work(w: &Watched, keys: &[String], tag: &str) -> Vec<String> {
         Some(ty) => format!("t.{} = k.k::{ty}", quote_identifier(&w.key_columns[0])),
         None => format!("{} = k.k", w.key_expr()),
     };
-    let current = w.current_vector_over("t", &quote_literal(tag));
-    let todo = match &w.hash_column {
-        Some(h) => format!("(NOT {current} OR t.{} IS NULL)", quote_identifier(h)),
-        None => format!("NOT {current}"),
-    };
+    let todo = w.todo_over("t", tag);
     w.check_name();
     Spi::connect(|c| {
         c.select(
@@ -831,18 +837,10 @@ fn claim_where(
     };
     let narrow = narrow.map(|n| format!("{n} AND")).unwrap_or_default();
     let current = w.current_vector_over("t", &quote_literal(tag));
-    let (hash_sel, todo) = match &w.hash_column {
-        Some(h) => {
-            let h = quote_identifier(h);
-            (
-                format!("t.{h}::pg_catalog.text"),
-                format!("(NOT {current} OR t.{h} IS NULL)"),
-            )
-        }
-        None => (
-            "NULL::pg_catalog.text".to_string(),
-            format!("NOT {current}"),
-        ),
+    let todo = w.todo_over("t", tag);
+    let hash_sel = match &w.hash_column {
+        Some(h) => format!("t.{}::pg_catalog.text", quote_identifier(h)),
+        None => "NULL::pg_catalog.text".to_string(),
     };
     // A failure record holds the row back only while its source is unchanged. Runs as the
     // table owner, who sees the failure records of its own tables (row-level security).
