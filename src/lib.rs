@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod dirs;
 pub mod errors;
 pub mod gucs;
 pub mod privileged;

@@ -17,7 +17,8 @@ use pgrx::prelude::*;
 use crate::errors::{raise, OrRaise};
 use crate::gucs;
 
-/// A `doppler.models` entry, with its file resolved (`resnet50`'s is `doppler.model_path`).
+/// A `doppler.models` entry, with its file resolved (`resnet50`'s is `doppler.model_path`;
+/// `$sharedir` expanded, see [`crate::dirs`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
@@ -84,7 +85,9 @@ pub fn spec(name: Option<&str>) -> ModelSpec {
     let three =
         |v: &[f32]| -> [f32; 3] { std::array::from_fn(|i| v.get(i).copied().unwrap_or(1.0)) };
     ModelSpec {
-        path: path.unwrap_or_else(gucs::model_path),
+        path: path
+            .map(|p| crate::dirs::expand(&p))
+            .unwrap_or_else(gucs::model_path),
         input_size: size as u32,
         filter: if resize == "lanczos" {
             Filter::Lanczos
@@ -191,8 +194,35 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -
 }
 
 fn load(spec: &ModelSpec, config: &SessionConfig) -> Model {
+    if spec.path.is_empty() {
+        raise(
+            Error::new(
+                ErrorKind::Config,
+                format!("model \"{}\" has no file: doppler.model_path is not set", spec.name),
+            )
+            .with_hint(
+                "The seed's ResNet50 is not bundled: export it (scripts/export_resnet50.py) and set doppler.model_path to the .onnx file, \
+                 or use the bundled EfficientNet-Lite0: model => 'efficientnet_lite0', or SET doppler.default_model = 'efficientnet_lite0'.",
+            ),
+        );
+    }
     let env = model::runtime(&gucs::onnxruntime_library()).or_raise();
-    let mut m = Model::load(env, config).or_raise();
+    let mut m = Model::load(env, config)
+        .map_err(|mut e| {
+            if spec.path == crate::dirs::expand(crate::dirs::BUNDLED_MODEL) {
+                e.hint = Some(format!(
+                    "doppler's packages install this model at {}; a build from source has it only after copying the converted file there (scripts/setup converts it; see README: Build from source).",
+                    crate::dirs::BUNDLED_MODEL
+                ));
+            } else if spec.name != "resnet50" {
+                e.hint = Some(format!(
+                    "Check the file of model \"{}\" (doppler.models), or register it again with doppler.register_model().",
+                    spec.name
+                ));
+            }
+            e
+        })
+        .or_raise();
     m.set_input_size(spec.input_size).or_raise();
     if let Some(why) = &m.fallback {
         match config.provider {

@@ -367,7 +367,55 @@ mod tests {
         .unwrap();
         assert_error(&q, "22023", "cannot load model");
         Spi::run("SET doppler.model_path = ''").unwrap();
-        assert_error(&q, "22023", "no model is configured");
+        assert_error(&q, "22023", "has no file: doppler.model_path is not set");
+    }
+
+    /// `$libdir` and `$sharedir` name the server's own directories (where packages put the
+    /// bundled ONNX Runtime and model); nothing else is expanded.
+    #[pg_test]
+    fn install_dirs_are_the_servers() {
+        use crate::dirs::{expand, libdir, sharedir};
+        let lib = libdir();
+        let share = sharedir();
+        assert!(
+            std::path::Path::new(&lib).join("doppler.so").is_file(),
+            "{lib}"
+        );
+        assert!(
+            std::path::Path::new(&share)
+                .join("extension/doppler.control")
+                .is_file(),
+            "{share}"
+        );
+        assert_eq!(
+            expand("$libdir/doppler/x.so"),
+            format!("{lib}/doppler/x.so")
+        );
+        assert_eq!(expand("$sharedir"), share);
+        assert_eq!(
+            expand("$sharedir/doppler/m.onnx"),
+            format!("{share}/doppler/m.onnx")
+        );
+        for kept in [
+            "$libdirx/y",
+            "/abs/$libdir/y",
+            "$LIBDIR/y",
+            "relative/$sharedir",
+        ] {
+            assert_eq!(expand(kept), kept);
+        }
+        // the library the packages install is the default
+        let default = Spi::get_one::<String>(
+            "SELECT boot_val FROM pg_settings WHERE name = 'doppler.onnxruntime_library'",
+        )
+        .unwrap();
+        assert_eq!(default.as_deref(), Some(crate::dirs::BUNDLED_ORT));
+        // and the bundled model is registered, named in the share directory
+        let path = Spi::get_one::<String>(
+            "SELECT onnx_path FROM doppler.models WHERE name = 'efficientnet_lite0'",
+        )
+        .unwrap();
+        assert_eq!(path.as_deref(), Some(crate::dirs::BUNDLED_MODEL));
     }
 
     #[pg_test]

@@ -14,11 +14,16 @@ EFFNET = os.path.join(MODELS, "efficientnet-lite0.onnx")
 PHOTOS = [p for p in fixture_paths() if "large_" not in p][:6]
 
 
+# where doppler's packages (and scripts/bundle, for this from-source install) put the model
+BUNDLED = "$sharedir/doppler/efficientnet-lite0.onnx"
+
+
 def register_effnet(db, version="1"):
+    """The bundled entry as CREATE EXTENSION makes it (version 1), or a new version of it."""
     return db.execute(
         "SELECT doppler.register_model('efficientnet_lite0', %s, dim => 1280, divisor => 1,"
         " mean => '{127,127,127}', std => '{128,128,128}', version => %s)",
-        (EFFNET, version),
+        (BUNDLED, version),
     ).fetchone()[0]
 
 
@@ -35,6 +40,29 @@ def model_status(db, table):
         "SELECT model, total, done, pending, stale FROM doppler.status WHERE table_name = %s::regclass", (table,)
     ).fetchone()
     return dict(zip(["model", "total", "done", "pending", "stale"], row))
+
+
+def test_bundled_model_is_registered_by_create_extension(db):
+    """CREATE EXTENSION registers the model the packages bundle, named in the server's share
+    directory; it works with no register_model() call and equals its Python reference."""
+    row = db.execute("SELECT onnx_path, dim, version FROM doppler.models WHERE name = 'efficientnet_lite0'").fetchone()
+    assert row == (BUNDLED, 1280, "1")
+    with psycopg.connect(db.info.dsn, autocommit=True) as fresh:  # no session of it yet
+        got = np.array(fresh.execute("SELECT doppler.extract_features(%s, 'efficientnet_lite0')", (PHOTOS[0],)).fetchone()[0])
+        np.testing.assert_allclose(got, reference_effnet(PHOTOS[0]), atol=1e-3)
+        sharedir = fresh.execute("SELECT setting FROM pg_config WHERE name = 'SHAREDIR'").fetchone()[0]
+        path = fresh.execute("SELECT model_path FROM doppler.session_info()").fetchone()[0]
+        assert path == f"{sharedir}/doppler/efficientnet-lite0.onnx"
+        # the seed's ResNet50 without a file says what to do
+        fresh.execute("SET doppler.model_path = ''")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no file") as e:
+            fresh.execute("SELECT doppler.extract_features(%s)", (PHOTOS[0],))
+        assert "efficientnet_lite0" in e.value.diag.message_hint
+        # only a leading $sharedir is the server's folder; a missing file names itself
+        with pytest.raises(psycopg.errors.UndefinedFile, match=r"model file \".*/doppler/nope.onnx\" does not exist"):
+            fresh.execute("SELECT doppler.register_model('nope', '$sharedir/doppler/nope.onnx', dim => 1280)")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            fresh.execute("SELECT doppler.register_model('nope', 'doppler/$sharedir/x.onnx', dim => 1280)")
 
 
 def test_registered_model_matches_its_python_reference(db):

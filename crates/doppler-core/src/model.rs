@@ -55,7 +55,7 @@ pub fn runtime(library: &str) -> Result<&'static Environment> {
     }
     let missing = |detail: String| {
         Error::new(ErrorKind::RuntimeMissing, format!("could not load the ONNX Runtime library \"{library}\": {detail}"))
-            .with_hint("Set doppler.onnxruntime_library to the absolute path of libonnxruntime.so (1.31 or later).")
+            .with_hint("doppler's packages install ONNX Runtime at $libdir/doppler/libonnxruntime.so, the default; otherwise set doppler.onnxruntime_library to the absolute path of libonnxruntime.so (1.31 or later).")
     };
     if library.is_empty() {
         return Err(missing("doppler.onnxruntime_library is not set".into()));

