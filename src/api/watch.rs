@@ -193,6 +193,8 @@ fn _watch(
         current.as_ref().map(|w| w.model_column.clone()),
     );
     let spec = session::spec(model.or(current_model.as_deref()));
+    // a model whose file is missing would only fail in the worker, batch after batch
+    session::check_file(&spec);
     if dims > 0 && dims != spec.dim as i32 {
         fail(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,

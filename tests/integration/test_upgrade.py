@@ -217,3 +217,54 @@ def test_dump_and_restore_into_a_new_database(old, tmp_path):
         c.execute("INSERT INTO up.up_sync VALUES (3, %s)", (data(GOOD[8]),))
         assert c.execute("SELECT features IS NOT NULL FROM up.up_sync WHERE id = 3").fetchone()[0]
     assert f'database "{RESTORED}" is there now' in old.log()
+
+
+def test_an_own_efficientnet_lite0_survives_update_dump_and_restore(old):
+    """Before 0.5.0, CREATE EXTENSION registered only resnet50, and scripts/demo registered an
+    efficientnet_lite0 by hand. A 0.4.0 dump of such a database restores into 0.5.0, whose CREATE
+    EXTENSION registers an efficientnet_lite0 of its own: the dump's entry replaces it (no
+    duplicate key; the watches that use it come back). ALTER EXTENSION UPDATE keeps it, and a dump
+    of the updated database (the entry differs from the bundled one, so it is dumped) restores it."""
+    sharedir = subprocess.run([PG_CONFIG, "--sharedir"], check=True, capture_output=True, text=True).stdout.strip()
+    shutil.copy(os.path.join(REPO, "sql", "history", "doppler--0.4.0.sql"), os.path.join(sharedir, "extension"))
+    own = (f"{MODELS}/efficientnet-lite0.onnx", 1280, "7")
+    with old.connect("postgres") as c:
+        for db in ["v4", "v4_restored", "v5_restored"]:
+            c.execute(f"CREATE DATABASE {db}")
+    with old.connect("v4") as c:
+        c.execute("CREATE EXTENSION doppler VERSION '0.4.0'")
+        c.execute("SELECT doppler.register_model('efficientnet_lite0', %s, dim => %s, divisor => 1,"
+                  " mean => '{127,127,127}', std => '{128,128,128}', version => %s)", own)
+        c.execute("CREATE TABLE v4t (id int PRIMARY KEY, f_img text, features real[])")
+        c.execute("SELECT doppler.watch('v4t', mode => 'manual', model => 'efficientnet_lite0')")
+
+    def entry(c):
+        return c.execute("SELECT onnx_path, dim, version FROM doppler.models WHERE name = 'efficientnet_lite0'").fetchone()
+
+    def dump_and_restore(src, dst):
+        dump = os.path.join(old.dir, f"{src}.dump")
+        as_pg([f"{BINDIR}/pg_dump", "-h", old.dir, "-U", "postgres", "-Fc", "-f", dump, src])
+        r = subprocess.run((["sudo", "-u", "postgres", "--"] if AS_ROOT else [])
+                           + [f"{BINDIR}/pg_restore", "-h", old.dir, "-U", "postgres", "-d", dst, dump],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with old.connect(dst) as c:
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'doppler'").fetchone()[0] == NEW
+            assert entry(c) == own
+            assert c.execute("SELECT model FROM doppler.watched").fetchall() == [("efficientnet_lite0",)]
+            assert c.execute("SELECT count(*) FROM doppler.models WHERE name = 'resnet50'").fetchone()[0] == 1
+
+    dump_and_restore("v4", "v4_restored")
+    with old.connect("v4") as c:
+        c.execute("ALTER EXTENSION doppler UPDATE")
+        assert entry(c) == own
+    dump_and_restore("v4", "v5_restored")
+    # an unchanged built-in entry is not dumped: a fresh 0.5.0 database restores with its own
+    with old.connect("v5_restored") as c:
+        c.execute("SELECT doppler.unwatch('v4t')")
+        c.execute("SELECT doppler.register_model('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx',"
+                  " dim => 1280, divisor => 1, mean => '{127,127,127}', std => '{128,128,128}', version => '1')")
+        dump = os.path.join(old.dir, "v5.dump")
+        as_pg([f"{BINDIR}/pg_dump", "-h", old.dir, "-U", "postgres", "-Fc", "-f", dump, "v5_restored"])
+        listing = as_pg([f"{BINDIR}/pg_restore", "-f", "-", "-a", dump]).stdout
+        assert "efficientnet_lite0" not in listing and "resnet50" not in listing
