@@ -58,6 +58,11 @@ def test_bundled_model_is_registered_by_create_extension(db):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no file") as e:
             fresh.execute("SELECT doppler.extract_features(%s)", (PHOTOS[0],))
         assert "efficientnet_lite0" in e.value.diag.message_hint
+        # and a table is not watched with it: the worker could never fill it
+        fresh.execute("CREATE TABLE no_model_file (id int PRIMARY KEY, f_img text, features real[])")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no file"):
+            fresh.execute("SELECT doppler.watch('no_model_file')")
+        fresh.execute("DROP TABLE no_model_file")
         # only a leading $sharedir is the server's folder; a missing file names itself
         with pytest.raises(psycopg.errors.UndefinedFile, match=r"model file \".*/doppler/nope.onnx\" does not exist"):
             fresh.execute("SELECT doppler.register_model('nope', '$sharedir/doppler/nope.onnx', dim => 1280)")
