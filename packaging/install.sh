@@ -45,13 +45,21 @@ sharedir=$("$pgc" --sharedir)
 manifest=$sharedir/doppler/MANIFEST
 
 # Removes the files a manifest lists (lib/... under $libdir, share/... under $sharedir), then
-# doppler's own folders when nothing else is left in them.
+# doppler's own folders when nothing else is left in them. Only names of doppler's layout are
+# removed, whatever a manifest says: lib/doppler.so, lib/doppler/*, share/extension/doppler.control,
+# share/extension/doppler--*.sql, share/doppler/* (no "..", no folders).
 remove_listed() {
-    while IFS= read -r f; do
+    while IFS= read -r f || [ -n "$f" ]; do
         case "$f" in
-            lib/*) rm -f "$libdir/${f#lib/}" ;;
-            share/*) rm -f "$sharedir/${f#share/}" ;;
+            *..*|*/) continue ;;
+            lib/doppler.so|lib/doppler/*|share/extension/doppler.control|share/extension/doppler--*.sql|share/doppler/*) ;;
+            *) continue ;;
         esac
+        case "$f" in
+            lib/*) target=$libdir/${f#lib/} ;;
+            *) target=$sharedir/${f#share/} ;;
+        esac
+        if [ -f "$target" ] || [ -L "$target" ]; then rm -f "$target"; fi
     done < "$1"
     rmdir "$libdir/doppler" 2>/dev/null || true
     rmdir "$sharedir/doppler" 2>/dev/null || true
@@ -59,12 +67,12 @@ remove_listed() {
 
 # every file of this package, as lib/... and share/... (names without newlines: ours)
 list=$(mktemp)
-trap 'rm -f "$list"' EXIT
+trap 'rm -f "$list" "$list.installed"' EXIT
 (cd "$here" && find lib share -type f | LC_ALL=C sort) > "$list"
 [ -s "$list" ] || { echo "$0: no files under $here/lib and $here/share" >&2; exit 1; }
 
 if [ "$mode" = install ]; then
-    if [ -f "$manifest" ]; then
+    if [ -s "$manifest" ]; then
         old=$(mktemp)
         cp "$manifest" "$old"
         remove_listed "$old"
@@ -82,10 +90,12 @@ if [ "$mode" = install ]; then
     echo "doppler $(cat "$here/VERSION") installed into $libdir and $sharedir"
     echo "next: add doppler to shared_preload_libraries, set doppler.worker_databases, restart; then CREATE EXTENSION doppler;"
 else
-    if [ -f "$manifest" ]; then
-        remove_listed "$manifest"
-    else
-        remove_listed "$list"
+    # what was installed (the manifest), and at least this package's own files
+    if [ -s "$manifest" ]; then
+        cp "$manifest" "$list.installed"
+        remove_listed "$list.installed"
+        rm -f "$list.installed"
     fi
+    remove_listed "$list"
     echo "doppler $(cat "$here/VERSION") removed from $libdir and $sharedir"
 fi

@@ -26,7 +26,12 @@ BEGIN
        SET onnx_path = NEW.onnx_path, input_size = NEW.input_size, resize = NEW.resize, divisor = NEW.divisor,
            mean = NEW.mean, std = NEW.std, dim = NEW.dim, version = NEW.version,
            description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at
-     WHERE m.name = NEW.name;
+     WHERE m.name = NEW.name
+       -- only the entry as CREATE EXTENSION made it: any other write of a built-in name is checked
+       -- as before (a changed entry is changed by register_model, which checks its version)
+       AND ((m.name = 'resnet50' AND m.onnx_path IS NULL AND m.version = '1' AND m.dim = 2048)
+            OR (m.name = 'efficientnet_lite0' AND m.onnx_path = '$sharedir/doppler/efficientnet-lite0.onnx'
+                AND m.version = '1' AND m.dim = 1280));
     IF FOUND THEN
         RETURN NULL;
     END IF;
@@ -39,4 +44,5 @@ CREATE TRIGGER models_merge BEFORE INSERT ON @extschema@.models
 -- _models_merge).
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
   'WHERE NOT ((name = ''resnet50'' AND onnx_path IS NULL AND version = ''1'' AND dim = 2048)'
-  ' OR (name = ''efficientnet_lite0'' AND onnx_path = ''$sharedir/doppler/efficientnet-lite0.onnx'' AND version = ''1'' AND dim = 1280))');
+  ' OR (name = ''efficientnet_lite0'' AND onnx_path IS NOT DISTINCT FROM ''$sharedir/doppler/efficientnet-lite0.onnx'''
+  '     AND version = ''1'' AND dim = 1280))');

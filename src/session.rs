@@ -218,7 +218,7 @@ pub fn check_file(spec: &ModelSpec) {
                     "doppler's packages install this model at {}; a build from source has it after scripts/bundle (README: From source on your own server).",
                     crate::dirs::BUNDLED_MODEL
                 )
-            } else if spec.name == "resnet50" {
+            } else if spec.path == gucs::model_path() {
                 "Check doppler.model_path.".to_string()
             } else {
                 format!(

@@ -70,6 +70,23 @@ def test_bundled_model_is_registered_by_create_extension(db):
             fresh.execute("SELECT doppler.register_model('nope', 'doppler/$sharedir/x.onnx', dim => 1280)")
 
 
+def test_built_in_entries_merge_only_while_untouched(db):
+    """doppler.models' merge trigger: an insert of a built-in name (what pg_restore does after
+    CREATE EXTENSION made the entry) updates the entry while it is as CREATE EXTENSION made it;
+    once changed, the primary key stands as for any other name."""
+    entry = "SELECT onnx_path, version FROM doppler.models WHERE name = 'efficientnet_lite0'"
+    insert = ("INSERT INTO doppler.models (name, onnx_path, divisor, mean, std, dim, version)"
+              " VALUES ('efficientnet_lite0', %s, 1, '{127,127,127}', '{128,128,128}', 1280, %s)")
+    assert db.execute(entry).fetchone() == (BUNDLED, "1")
+    db.execute(insert, (EFFNET, "5"))
+    assert db.execute(entry).fetchone() == (EFFNET, "5")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(insert, (EFFNET, "6"))
+    # register_model changes a changed entry back (its ON CONFLICT path)
+    assert register_effnet(db) == "efficientnet_lite0@1"
+    assert db.execute(entry).fetchone() == (BUNDLED, "1")
+
+
 def test_registered_model_matches_its_python_reference(db):
     assert register_effnet(db) == "efficientnet_lite0@1"
     models = dict(db.execute("SELECT name, dim FROM doppler.models").fetchall())
