@@ -52,6 +52,6 @@ pub fn expand(path: &str) -> String {
 }
 
 /// Where doppler's packages install ONNX Runtime (the default of `doppler.onnxruntime_library`).
-pub const BUNDLED_ORT: &str = "$libdir/doppler/libonnxruntime.so";
+pub const BUNDLED_ORT: &std::ffi::CStr = c"$libdir/doppler/libonnxruntime.so";
 /// Where doppler's packages install the bundled EfficientNet-Lite0 (doppler.models).
 pub const BUNDLED_MODEL: &str = "$sharedir/doppler/efficientnet-lite0.onnx";

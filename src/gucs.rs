@@ -17,7 +17,7 @@ pub static MAX_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// `doppler.onnxruntime_library`: absolute path of `libonnxruntime.so` (1.31 or later); by
 /// default the library doppler's packages install in `$libdir/doppler/` ([`crate::dirs`]).
 pub static ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"$libdir/doppler/libonnxruntime.so"));
+    GucSetting::<Option<CString>>::new(Some(crate::dirs::BUNDLED_ORT));
 /// `doppler.intra_op_threads`: ORT threads per backend session (each backend has its own).
 pub static INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// `doppler.execution_provider`: auto | cpu | cuda.

@@ -409,7 +409,7 @@ mod tests {
             "SELECT boot_val FROM pg_settings WHERE name = 'doppler.onnxruntime_library'",
         )
         .unwrap();
-        assert_eq!(default.as_deref(), Some(crate::dirs::BUNDLED_ORT));
+        assert_eq!(default.as_deref(), crate::dirs::BUNDLED_ORT.to_str().ok());
         // and the bundled model is registered, named in the share directory
         let path = Spi::get_one::<String>(
             "SELECT onnx_path FROM doppler.models WHERE name = 'efficientnet_lite0'",
