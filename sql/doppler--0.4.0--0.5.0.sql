@@ -46,3 +46,16 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
   'WHERE NOT ((name = ''resnet50'' AND onnx_path IS NULL AND version = ''1'' AND dim = 2048)'
   ' OR (name = ''efficientnet_lite0'' AND onnx_path IS NOT DISTINCT FROM ''$sharedir/doppler/efficientnet-lite0.onnx'''
   '     AND version = ''1'' AND dim = 1280))');
+
+-- Where a batch's time went (README: Throughput): the backend's phases and the decode threads'
+-- time by stage.
+ALTER TABLE @extschema@.batches
+    ADD COLUMN claim_s float8, ADD COLUMN read_s float8, ADD COLUMN decode_s float8, ADD COLUMN resize_s float8,
+    ADD COLUMN wait_s float8, ADD COLUMN infer_s float8, ADD COLUMN write_s float8;
+COMMENT ON COLUMN @extschema@.batches.claim_s IS 'Seconds spent claiming the rows (as the table owner).';
+COMMENT ON COLUMN @extschema@.batches.read_s IS 'Seconds the decode threads spent reading files or fetching URLs (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.decode_s IS 'Seconds the decode threads spent decoding images (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.resize_s IS 'Seconds the decode threads spent resizing and normalizing, and on dHashes (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.wait_s IS 'Seconds the batch waited for prepared images (decoding not hidden behind inference).';
+COMMENT ON COLUMN @extschema@.batches.infer_s IS 'Seconds of model runs.';
+COMMENT ON COLUMN @extschema@.batches.write_s IS 'Seconds writing vectors and hashes back and recording failures.';

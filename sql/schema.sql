@@ -100,9 +100,25 @@ CREATE TABLE @extschema@.batches (
     deduped      int NOT NULL DEFAULT 0,  -- model runs saved by dedup
     seconds      float8 NOT NULL,
     pid          int NOT NULL DEFAULT pg_backend_pid(),
-    via          text NOT NULL
+    via          text NOT NULL,
+    -- where the time went (0.5.0; NULL in rows from before): the backend's phases, and the decode
+    -- threads' time by stage, summed over the threads (it overlaps the inference)
+    claim_s      float8,
+    read_s       float8,
+    decode_s     float8,
+    resize_s     float8,
+    wait_s       float8,
+    infer_s      float8,
+    write_s      float8
 );
 CREATE INDEX ON @extschema@.batches (relid, finished_at);
+COMMENT ON COLUMN @extschema@.batches.claim_s IS 'Seconds spent claiming the rows (as the table owner).';
+COMMENT ON COLUMN @extschema@.batches.read_s IS 'Seconds the decode threads spent reading files or fetching URLs (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.decode_s IS 'Seconds the decode threads spent decoding images (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.resize_s IS 'Seconds the decode threads spent resizing and normalizing, and on dHashes (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.wait_s IS 'Seconds the batch waited for prepared images (decoding not hidden behind inference).';
+COMMENT ON COLUMN @extschema@.batches.infer_s IS 'Seconds of model runs.';
+COMMENT ON COLUMN @extschema@.batches.write_s IS 'Seconds writing vectors and hashes back and recording failures.';
 
 -- pg_dump keeps the user's configuration and failure history.
 -- The two entries CREATE EXTENSION makes are dumped only when changed; restoring one (or a 0.4.0

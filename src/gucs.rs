@@ -40,8 +40,22 @@ pub static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static WORKER_BATCH_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 /// `doppler.worker_intra_op_threads`: ORT threads of a worker's session (0: all cores).
 pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
-/// `doppler.decode_threads`: threads that read, decode and resize a batch's images.
-pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Whether this process is doppler's background worker (set first thing in its main; a parallel
+/// query worker is a background worker too, but not this one).
+pub static IN_DOPPLER_WORKER: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+fn in_doppler_worker() -> bool {
+    IN_DOPPLER_WORKER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `doppler.decode_threads`: threads that read, decode and resize a batch's images (0: automatic,
+/// [`decode_threads`]).
+pub static DECODE_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// `doppler.intra_op_spinning`: whether a backend session's ORT threads spin while they wait.
+pub static INTRA_OP_SPINNING: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// `doppler.worker_intra_op_spinning`: the same for the worker's session.
+pub static WORKER_INTRA_OP_SPINNING: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// `doppler.inference_batch_size`: images per model run (a claimed batch is split into runs).
 pub static INFERENCE_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// `doppler.jpeg_draft_size`: decode large JPEGs at a reduced DCT scale (0: off).
@@ -223,12 +237,28 @@ pub fn init_worker_gucs() {
     );
     GucRegistry::define_int_guc(
         c"doppler.decode_threads",
-        c"Threads that read, decode and resize the images of a batch (worker, fill, triggers).",
-        c"",
+        c"Threads that read, decode and resize the images of a batch (worker, fill, triggers); 0: one per core in the worker, 2 in backends.",
+        c"They prepare the next model run's images while the model runs over this one's; a batch never uses more threads than it has images.",
         &DECODE_THREADS,
-        1,
+        0,
         256,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"doppler.intra_op_spinning",
+        c"Whether the ONNX Runtime threads of a backend session spin while they wait for work.",
+        c"Spinning saves a wake-up per operator (a single image's latency, with more than one intra-op thread); in a batch it takes the CPU time the decode threads need.",
+        &INTRA_OP_SPINNING,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"doppler.worker_intra_op_spinning",
+        c"Whether the ONNX Runtime threads of a background worker's session spin while they wait for work.",
+        c"Off: the worker runs batches, where its decode threads need the cores that spinning threads would hold.",
+        &WORKER_INTRA_OP_SPINNING,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -374,9 +404,26 @@ pub fn onnxruntime_library() -> String {
     crate::dirs::expand(&string(&ONNXRUNTIME_LIBRARY))
 }
 
-/// The session settings of a backend; in a background worker, its own thread count.
+/// Threads backends decode on when `doppler.decode_threads` is 0: a sync trigger or `fill` runs in
+/// any connection, and a hundred connections each starting a thread per core would swamp the server.
+const BACKEND_DECODE_THREADS: usize = 2;
+
+/// `doppler.decode_threads`, 0 resolved: one per core in doppler's worker, 2 in backends.
+pub fn decode_threads() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    match DECODE_THREADS.get() {
+        n if n > 0 => n as usize,
+        _ if in_doppler_worker() => cores,
+        _ => BACKEND_DECODE_THREADS.min(cores),
+    }
+}
+
+/// The session settings of a backend; in doppler's background worker, its own thread count and
+/// spinning (a parallel query worker is a backend here).
 pub fn session_config() -> SessionConfig {
-    let in_worker = unsafe { !pgrx::pg_sys::MyBgworkerEntry.is_null() };
+    let in_worker = in_doppler_worker();
     let threads = if in_worker {
         match WORKER_INTRA_OP_THREADS.get() {
             0 => std::thread::available_parallelism()
@@ -390,6 +437,11 @@ pub fn session_config() -> SessionConfig {
     SessionConfig {
         model_path: model_path(),
         intra_op_threads: threads,
+        spinning: if in_worker {
+            WORKER_INTRA_OP_SPINNING.get()
+        } else {
+            INTRA_OP_SPINNING.get()
+        },
         provider: match EXECUTION_PROVIDER.get() {
             ExecutionProvider::Auto => Provider::Auto,
             ExecutionProvider::Cpu => Provider::Cpu,

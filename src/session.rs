@@ -5,7 +5,7 @@
 //! sessions, created on first use (never in `_PG_init`: the postmaster forks backends), reused
 //! across calls and transactions, and dropped least-recently-used first. A session is keyed by
 //! everything it depends on (the model file and its size and modification time, the registered
-//! version, `intra_op_threads`, `execution_provider`, `cuda_device_id`, the input size), so
+//! version, the thread count and spinning, `execution_provider`, `cuda_device_id`, the input size), so
 //! changing a setting, the file or the version builds a new one.
 //! A backend is single-threaded, so a thread-local is the cache.
 

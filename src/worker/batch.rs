@@ -4,9 +4,9 @@
 //! The table is only ever touched as its owner (see `privileged.rs`). Shared by the background
 //! worker, `doppler.fill()` and the sync trigger.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use doppler_core::{dhash, prepare_stream, Error, ErrorKind, Source, StreamOptions};
+use doppler_core::{dhash, prepare_stream, Error, ErrorKind, Source, StreamOptions, StreamStats};
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal, SpiClient};
 
@@ -370,6 +370,17 @@ pub struct BatchReport {
     pub seconds: f64,
 }
 
+/// Where a batch's time went (doppler.batches' `*_s` columns): its phases on the backend's own
+/// thread (claim, wait for images, infer, write), and the decode threads' time by stage, summed
+/// over the threads (it overlaps the inference).
+#[derive(Default)]
+struct Phases {
+    claim: Duration,
+    stream: StreamStats,
+    infer: Duration,
+    write: Duration,
+}
+
 /// What a batch writes into one claimed row.
 #[derive(Default)]
 struct Outcome {
@@ -418,8 +429,10 @@ pub fn run_batch(
     let limit = limit.clamp(1, w.batch_size as i64);
     let spec = w.spec();
     let tag = spec.tag();
+    let mut phases = Phases::default();
     // claim: as the table owner (its casts, operators and policies run with its own rights)
     let (claimed, no_stale, obsolete) = as_owner(w.owner, || claim(w, limit, only, &tag));
+    phases.claim = t0.elapsed();
     if !obsolete.is_empty() {
         as_catalog(catalog_role, || forget_failures(w, &obsolete));
     }
@@ -488,16 +501,20 @@ pub fn run_batch(
     let mut deduped = 0i64;
     if !sources.is_empty() {
         let srcs: Vec<Source> = sources.iter().map(|(_, s)| s.clone()).collect();
-        let opts = StreamOptions {
-            threads: gucs::DECODE_THREADS.get().max(1) as usize,
-            chunk: gucs::INFERENCE_BATCH_SIZE.get().max(1) as usize,
-            want_hash,
-        };
+        let (threads, chunk) = (
+            gucs::decode_threads(),
+            gucs::INFERENCE_BATCH_SIZE.get().max(1) as usize,
+        );
         let (limits, policy, skip_list) =
             (gucs::limits(), gucs::source_policy(), gucs::skip_hashes());
         let mut inferred: Vec<(String, Vec<f32>)> = Vec::new(); // dedup: vectors of this batch
         session::with_model(&spec, |model, pre| {
-            prepare_stream(
+            let opts = StreamOptions {
+                threads,
+                chunk,
+                want_hash,
+            };
+            phases.stream = prepare_stream(
                 &srcs,
                 pre,
                 &limits,
@@ -563,7 +580,10 @@ pub fn run_batch(
                     for (_, _, slot) in &groups {
                         tensor.extend_from_slice(slot);
                     }
-                    match model.run(&tensor, groups.len()) {
+                    let running = Instant::now();
+                    let run = model.run(&tensor, groups.len());
+                    phases.infer += running.elapsed();
+                    match run {
                         Ok(out) => {
                             for (n, (key, rows, _)) in groups.into_iter().enumerate() {
                                 let v = &out[n * model.dim..(n + 1) * model.dim];
@@ -613,6 +633,7 @@ pub fn run_batch(
     {
         held[i] = !claimed[i].has_vector;
     }
+    let writing = Instant::now();
     let unwritten = as_owner(w.owner, || {
         write_isolated(w, &tag, &claimed, &outcomes, &held, !raise)
     });
@@ -638,6 +659,7 @@ pub fn run_batch(
         )
         .unwrap_or_else(|e| pgrx::error!("doppler: could not clear failures of {}: {e}", w.name));
     });
+    phases.write = writing.elapsed();
     let report = BatchReport {
         claimed: claimed.len() as i64,
         filled,
@@ -646,23 +668,75 @@ pub fn run_batch(
         deduped,
         seconds: t0.elapsed().as_secs_f64(),
     };
+    let secs = |d: Duration| d.as_secs_f64();
+    let st = &phases.stream;
+    pgrx::debug1!(
+        "doppler: batch of {} ({}): {} rows claimed, {} filled, {} failed in {:.1} ms: claim {:.1} ms, \
+         waited for images {:.1} ms, infer {:.1} ms, write {:.1} ms; decode threads read {:.1} ms, \
+         decode {:.1} ms, resize {:.1} ms",
+        w.name,
+        via.as_str(),
+        report.claimed,
+        report.filled,
+        report.failed,
+        report.seconds * 1e3,
+        secs(phases.claim) * 1e3,
+        secs(st.waited) * 1e3,
+        secs(phases.infer) * 1e3,
+        secs(phases.write) * 1e3,
+        secs(st.read) * 1e3,
+        secs(st.decode) * 1e3,
+        secs(st.resize) * 1e3
+    );
     as_catalog(catalog_role, || {
-        Spi::run_with_args(
+        let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+            w.relid.into(),
+            (report.claimed as i32).into(),
+            (report.filled as i32).into(),
+            (report.failed as i32).into(),
+            report.seconds.into(),
+            via.as_str().into(),
+            (report.deduped as i32).into(),
+        ];
+        // SQL objects older than 0.5.0 (the library is installed, ALTER EXTENSION UPDATE not yet
+        // run: README, Upgrading) have no phase columns; the batch is logged without them
+        let sql = if crate::privileged::extension_version().is_some_and(|v| has_phase_columns(&v)) {
+            args.extend(
+                [
+                    phases.claim,
+                    st.read,
+                    st.decode,
+                    st.resize,
+                    st.waited,
+                    phases.infer,
+                    phases.write,
+                ]
+                .map(|d| secs(d).into()),
+            );
+            "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped,
+                                          claim_s, read_s, decode_s, resize_s, wait_s, infer_s, write_s)
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, $7,
+                     $8, $9, $10, $11, $12, $13, $14)"
+        } else {
             "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped)
-             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, $7)",
-            &[
-                w.relid.into(),
-                (report.claimed as i32).into(),
-                (report.filled as i32).into(),
-                (report.failed as i32).into(),
-                report.seconds.into(),
-                via.as_str().into(),
-                (report.deduped as i32).into(),
-            ],
-        )
-        .unwrap_or_else(|e| pgrx::error!("doppler: could not log a batch: {e}"));
+             VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, $7)"
+        };
+        Spi::run_with_args(sql, &args)
+            .unwrap_or_else(|e| pgrx::error!("doppler: could not log a batch: {e}"));
     });
     report
+}
+
+/// Whether doppler.batches has the phase columns: SQL objects of 0.5.0 or later.
+fn has_phase_columns(version: &str) -> bool {
+    let part = |i: usize| -> u32 {
+        version
+            .split('.')
+            .nth(i)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    (part(0), part(1)) >= (0, 5)
 }
 
 /// Claims up to `limit` rows to embed (locked, FOR UPDATE SKIP LOCKED), as the table owner:

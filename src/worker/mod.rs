@@ -62,6 +62,7 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn doppler_worker_main(arg: pg_sys::Datum) {
+    crate::gucs::IN_DOPPLER_WORKER.store(true, Ordering::Relaxed);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = BackgroundWorker::get_extra().to_string();
     let bit = 1u64.checked_shl(arg.value() as u32).unwrap_or(0);

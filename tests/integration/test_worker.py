@@ -75,6 +75,7 @@ def test_worker_fills_valid_rows_and_records_bad_ones(db, cluster):
     assert all(f[3] == 2 and f[4] is None for f in fails.values()), fails  # given up after max_attempts
     batches = db.execute("SELECT count(*), sum(filled) FROM doppler.batches WHERE relid = 'images'::regclass AND via = 'worker'").fetchone()
     assert batches[0] >= 1 and batches[1] == n - len(bad)
+    assert_where_the_time_went(db, "images", "worker")
 
 
 def test_worker_is_visible_and_reports_activity(db):
@@ -137,6 +138,21 @@ def test_fill_by_hand_with_max_rows(noworker):
                          " AND via = 'fill'").fetchone() == (2, 3)
         c.execute("CALL doppler.fill('byhand')")
         assert c.execute("SELECT count(features) FROM byhand").fetchone()[0] == n
+        assert_where_the_time_went(c, "byhand", "fill")
+
+
+def assert_where_the_time_went(db, table, via):
+    """Every batch of `table` says where its time went: the backend's phases add up to no more than its
+    wall time, and the decode threads' stages are there (they ran while the model did)."""
+    rows = db.execute("""SELECT filled, seconds, claim_s, read_s, decode_s, resize_s, wait_s, infer_s, write_s
+                          FROM doppler.batches WHERE relid = %s::regclass AND via = %s""", (table, via)).fetchall()
+    assert any(r[0] for r in rows), rows
+    for filled, seconds, claim, read, decode, resize, wait, infer, write in rows:
+        assert None not in (claim, read, decode, resize, wait, infer, write), rows
+        assert min(claim, read, decode, resize, wait, infer, write) >= 0 and write > 0, rows
+        if filled:
+            assert infer > 0 and decode > 0 and resize > 0 and read > 0, rows
+        assert claim + wait + infer + write <= seconds * 1.001 + 1e-4, rows
 
 
 def slow_writes(db, table, seconds=0.2):

@@ -16,7 +16,7 @@ pub mod preprocess;
 pub mod resize;
 pub mod source;
 
-pub use batch::{prepare_stream, PreparedImage, Source, StreamOptions};
+pub use batch::{prepare_stream, PreparedImage, Source, StreamOptions, StreamStats};
 pub use decode::{decode_rgb, Limits, RgbImage};
 pub use error::{catch_panic, Error, ErrorKind, Result};
 pub use model::{Model, Provider, SessionConfig};

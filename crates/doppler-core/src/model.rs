@@ -106,6 +106,10 @@ impl Provider {
 pub struct SessionConfig {
     pub model_path: String,
     pub intra_op_threads: usize,
+    /// Whether ORT's intra-op threads spin while they wait for work. Spinning saves a wake-up per
+    /// operator when the session has its cores to itself; when decode threads share the cores,
+    /// spinning threads take the CPU time the decoders need.
+    pub spinning: bool,
     pub provider: Provider,
     pub device_id: i32,
 }
@@ -244,6 +248,7 @@ fn build(env: &Environment, config: &SessionConfig, cuda: bool) -> Result<Sessio
         .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
         .and_then(|b| Ok(b.with_intra_threads(config.intra_op_threads.max(1))?))
         .and_then(|b| Ok(b.with_inter_threads(1)?))
+        .and_then(|b| Ok(b.with_intra_op_spinning(config.spinning)?))
         .map_err(|e| bad(e.to_string()))?;
     if cuda {
         let ep = ort::ep::CUDA::default()

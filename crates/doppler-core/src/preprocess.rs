@@ -33,7 +33,12 @@ impl Preprocess {
 
     /// Resizes `img` and writes it, normalized, planar (CHW), into `slot`.
     pub fn write_slot(&self, img: &RgbImage, slot: &mut [f32]) {
-        let r = resample(
+        self.normalize(&self.resize(img), slot);
+    }
+
+    /// `img` resized to `size × size` (packed RGB8), as PIL's `resize` with this filter.
+    pub fn resize(&self, img: &RgbImage) -> Vec<u8> {
+        resample(
             &img.data,
             img.width,
             img.height,
@@ -41,18 +46,23 @@ impl Preprocess {
             self.size,
             self.size,
             self.filter,
-        );
+        )
+    }
+
+    /// Normalizes `size × size` packed RGB8 pixels into `slot`, planar (CHW).
+    pub fn normalize(&self, rgb: &[u8], slot: &mut [f32]) {
         let plane = self.size as usize * self.size as usize;
+        assert_eq!(rgb.len(), 3 * plane, "image has the wrong size");
         assert_eq!(slot.len(), 3 * plane, "slot has the wrong length");
         let (s0, rest) = slot.split_at_mut(plane);
         let (s1, s2) = rest.split_at_mut(plane);
         let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / self.divisor - self.mean[c]) / self.std[c])
         });
-        for (i, p) in r.chunks_exact(3).enumerate() {
-            s0[i] = lut[0][p[0] as usize];
-            s1[i] = lut[1][p[1] as usize];
-            s2[i] = lut[2][p[2] as usize];
+        for (((p, a), b), c) in rgb.chunks_exact(3).zip(s0).zip(s1).zip(s2) {
+            *a = lut[0][p[0] as usize];
+            *b = lut[1][p[1] as usize];
+            *c = lut[2][p[2] as usize];
         }
     }
 }

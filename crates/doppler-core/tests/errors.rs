@@ -144,6 +144,7 @@ fn model_errors() {
     let cfg = |p: String| SessionConfig {
         model_path: p,
         intra_op_threads: 1,
+        spinning: true,
         provider: Provider::Cpu,
         device_id: 0,
     };

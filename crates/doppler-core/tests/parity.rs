@@ -67,6 +67,7 @@ fn features_match_the_python_reference() {
     let config = SessionConfig {
         model_path: format!("{models}/resnet50-seeded.onnx"),
         intra_op_threads: 2,
+        spinning: true,
         provider: Provider::Cpu,
         device_id: 0,
     };

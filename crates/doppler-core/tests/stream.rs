@@ -52,7 +52,8 @@ fn chunks_arrive_in_order_with_errors_in_place() {
         },
         || {},
     );
-    assert_eq!(starts, vec![(0, 3), (3, 3), (6, 3), (9, 2)]);
+    // a short first chunk (a quarter, at least one image), then whole ones
+    assert_eq!(starts, vec![(0, 1), (1, 3), (4, 3), (7, 3), (10, 1)]);
     assert_eq!(all.len(), srcs.len());
     for (i, (src, got)) in srcs.iter().zip(&all).enumerate() {
         let Source::Bytes(bytes) = src else {
@@ -69,8 +70,9 @@ fn chunks_arrive_in_order_with_errors_in_place() {
             (a, b) => panic!("image {i}: alone {a:?}, streamed {:?}", b.as_ref().err()),
         }
     }
-    // one chunk, one thread: the same results
+    // large chunks, one thread: the same results
     let mut once = Vec::new();
+    let mut runs = Vec::new();
     let one_chunk = StreamOptions {
         threads: 1,
         chunk: srcs.len(),
@@ -83,11 +85,12 @@ fn chunks_arrive_in_order_with_errors_in_place() {
         &policy,
         one_chunk,
         |start, images| {
-            assert_eq!(start, 0);
+            runs.push((start, images.len()));
             once.extend(images);
         },
         || {},
     );
+    assert_eq!(runs, vec![(0, 2), (2, 9)]);
     assert_eq!(once.len(), all.len());
     for (a, b) in once.iter().zip(&all) {
         assert_eq!(a.as_ref().ok(), b.as_ref().ok());
@@ -146,4 +149,38 @@ fn the_caller_is_polled_while_a_chunk_decodes() {
     assert!(r.is_err(), "the poll's panic goes on");
     assert!(!consumed.get(), "the chunk was handed over");
     assert_eq!(polls.get(), 2);
+}
+
+#[test]
+fn the_stream_says_where_its_time_went() {
+    let dir = std::env::var("DOPPLER_FIXTURES").unwrap_or_else(|_| "/opt/doppler/fixtures".into());
+    let srcs: Vec<Source> = ["landscape_640x480.jpg", "portrait_300x500.png"]
+        .iter()
+        .cycle()
+        .take(6)
+        .map(|f| Source::Path(format!("{dir}/{f}")))
+        .collect();
+    let pre = Preprocess::IMAGENET;
+    let policy = SourcePolicy::files(64 << 20);
+    let mut chunks = 0;
+    let stats = prepare_stream(
+        &srcs,
+        &pre,
+        &Limits::default(),
+        &policy,
+        StreamOptions {
+            threads: 2,
+            chunk: 2,
+            want_hash: true,
+        },
+        |_, images| {
+            assert!(images.iter().all(|i| i.is_ok()));
+            chunks += 1;
+        },
+        || {},
+    );
+    assert_eq!(chunks, 4); // 1, 2, 2, 1
+    assert!(stats.read > std::time::Duration::ZERO, "{stats:?}");
+    assert!(stats.decode > std::time::Duration::ZERO, "{stats:?}");
+    assert!(stats.resize > std::time::Duration::ZERO, "{stats:?}");
 }
