@@ -9,7 +9,9 @@ COMMENT ON FUNCTION @extschema@.extract_features(text, text) IS
 COMMENT ON FUNCTION @extschema@.extract_features(bytea, text) IS
   'Features of image bytes (JPEG, PNG, GIF, WebP, BMP, TIFF), computed by a registered model (default doppler.default_model).';
 COMMENT ON FUNCTION @extschema@.session_info() IS
-  'This backend''s ONNX Runtime sessions, most recently used first: model, file, execution provider, input size, dimensions, threads, sessions created so far.';
+  'The ONNX Runtime sessions that serve this connection, most recently used first: model, file, execution provider, input size, dimensions, threads, sessions created so far, and where model runs happen (inference: service, the server''s inference service, or backend, this connection''s own sessions).';
+COMMENT ON FUNCTION @extschema@.service_status() IS
+  'doppler''s inference service (doppler in shared_preload_libraries): its process, start time, starts, and the requests, images, model runs, largest run and failed requests it has served, and the requests queued and running now. No row without the service.';
 
 -- The model registry. Registering names a file the server loads: only roles that may write
 -- doppler.models (its owner, a superuser) can; anyone may read it and use its models.

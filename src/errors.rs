@@ -18,6 +18,8 @@ pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
         ErrorKind::Config | ErrorKind::BadModel => ERRCODE_INVALID_PARAMETER_VALUE,
         ErrorKind::Inference => ERRCODE_SYSTEM_ERROR,
         ErrorKind::Internal => ERRCODE_INTERNAL_ERROR,
+        // not 57P03 (cannot_connect_now): connection pools take that for a broken connection
+        ErrorKind::ServiceUnavailable => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
     }
 }
 

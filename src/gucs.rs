@@ -87,6 +87,28 @@ pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// exactly by `doppler.status`; larger ones get estimates. -1: always exact.
 pub static STATUS_EXACT_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
+/// `doppler.inference`: where model runs happen.
+pub static INFERENCE: GucSetting<InferenceMode> =
+    GucSetting::<InferenceMode>::new(InferenceMode::Service);
+/// `doppler.batch_window_ms`: how long the inference service waits for more callers' images.
+pub static BATCH_WINDOW_MS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// `doppler.service_intra_op_threads`: ORT threads of the service's sessions (0: all cores).
+pub static SERVICE_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// `doppler.service_max_sessions`: sessions the inference service keeps (one per model in use).
+pub static SERVICE_MAX_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(4);
+/// `doppler.service_intra_op_spinning`: whether the service's ORT threads spin while they wait.
+pub static SERVICE_INTRA_OP_SPINNING: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum InferenceMode {
+    /// The server's inference service (when doppler is in shared_preload_libraries).
+    #[name = c"service"]
+    Service,
+    /// A session in each backend.
+    #[name = c"backend"]
+    Backend,
+}
+
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ExecutionProvider {
     #[name = c"auto"]
@@ -205,6 +227,52 @@ pub fn init_worker_gucs() {
             GucFlags::SUPERUSER_ONLY,
         );
     }
+    GucRegistry::define_enum_guc(
+        c"doppler.inference",
+        c"Where models run: service (one set of sessions for the whole server, in doppler's inference service) or backend (a session in each connection).",
+        c"service needs doppler in shared_preload_libraries; without it every connection runs its own session, as backend does. doppler.session_info() says which applies.",
+        &INFERENCE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.batch_window_ms",
+        c"How long the inference service waits for more callers' images before a model run, when callers arrive together; 0: never waits.",
+        c"A lone caller never waits: the window opens only when the last run or the queue held several callers.",
+        &BATCH_WINDOW_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.service_intra_op_threads",
+        c"ONNX Runtime threads of the inference service's sessions; 0 uses every core.",
+        c"",
+        &SERVICE_INTRA_OP_THREADS,
+        0,
+        256,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.service_max_sessions",
+        c"Model sessions the inference service keeps for the whole server (one per model, version and provider in use); the least recently used is dropped first.",
+        c"Loading a model stalls every caller while it loads: keep this at least the number of models in use across databases.",
+        &SERVICE_MAX_SESSIONS,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"doppler.service_intra_op_spinning",
+        c"Whether the ONNX Runtime threads of the inference service's sessions spin while they wait for work.",
+        c"Off: the callers decode their images on the same cores.",
+        &SERVICE_INTRA_OP_SPINNING,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"doppler.worker_naptime",
         c"How long an idle doppler worker sleeps before looking for work again.",

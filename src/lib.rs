@@ -11,6 +11,7 @@ pub mod dirs;
 pub mod errors;
 pub mod gucs;
 pub mod privileged;
+pub mod service;
 pub mod session;
 pub mod triggers;
 pub mod worker;
@@ -29,6 +30,8 @@ pub extern "C-unwind" fn _PG_init() {
     // (or worker) that first needs it: the postmaster forks everything after this.
     gucs::init();
     gucs::init_worker_gucs();
+    // the service first: with too few background worker slots it is the one to keep
+    service::register();
     worker::register();
 }
 

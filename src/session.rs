@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 
 use crate::errors::{raise, OrRaise};
 use crate::gucs;
+use crate::service;
 
 /// A `doppler.models` entry, with its file resolved (`resnet50`'s is `doppler.model_path`;
 /// `$sharedir` expanded, see [`crate::dirs`]).
@@ -143,12 +144,75 @@ thread_local! {
     static SESSIONS_CREATED: Cell<i64> = const { Cell::new(0) };
 }
 
-/// Runs `f` with this backend's session of `spec` under the current settings, loading it if
-/// needed, and the model's preprocessing. Errors (library missing, model missing or unfit, or
-/// not what doppler.models says) are raised as Postgres ERRORs.
-pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -> R) -> R {
-    let key = key_of(spec);
+/// What runs a caller's model runs: a session of this backend, or the server's inference service
+/// ([`crate::service`]).
+pub enum Runner<'a> {
+    Local(&'a mut Model),
+    Service(service::Key),
+}
+
+impl Runner<'_> {
+    /// The model's output dimension.
+    pub fn dim(&self) -> usize {
+        match self {
+            Runner::Local(m) => m.dim,
+            Runner::Service(k) => k.dim as usize,
+        }
+    }
+
+    /// Runs `n` input slots and returns `n × dim` floats. What is not the images' fault (the
+    /// model cannot be loaded or does not fit, no ONNX Runtime, no service) is raised, as a
+    /// backend's own session raises it when it loads.
+    pub fn run(&mut self, batch: &[f32], n: usize) -> doppler_core::Result<Vec<f32>> {
+        match self {
+            Runner::Local(m) => m.run(batch, n),
+            Runner::Service(key) => match service::infer(key, batch, n) {
+                Ok(v) => Ok(v),
+                Err(f)
+                    if f.loading
+                        || matches!(
+                            f.error.kind,
+                            ErrorKind::Config
+                                | ErrorKind::BadModel
+                                | ErrorKind::RuntimeMissing
+                                | ErrorKind::ServiceUnavailable
+                        ) =>
+                {
+                    raise(f.error)
+                }
+                Err(f) => Err(f.error),
+            },
+        }
+    }
+
+    /// Makes sure the model is loaded and fits (the service loads it without running it).
+    pub fn check(&mut self) {
+        if let Runner::Service(_) = self {
+            self.run(&[], 0).or_raise();
+        }
+    }
+}
+
+/// Runs `f` with what runs `spec`'s model under the current settings (the inference service, or
+/// this backend's session, loaded if needed) and the model's preprocessing. Errors (library
+/// missing, model missing or unfit, or not what doppler.models says) are raised as Postgres ERRORs.
+pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Runner, &Preprocess) -> R) -> R {
     let pre = spec.preprocess();
+    if service::inference() == service::Inference::Service {
+        check_file(spec);
+        let config = gucs::session_config();
+        let mut runner = Runner::Service(service::Key {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            version: spec.version.clone(),
+            input_size: spec.input_size,
+            dim: spec.dim as u32,
+            provider: config.provider,
+            device_id: config.device_id,
+        });
+        return f(&mut runner, &pre);
+    }
+    let key = key_of(spec);
     SESSIONS.with(|cell| {
         let mut cache = cell.borrow_mut();
         match cache.iter().position(|c| c.key == key) {
@@ -189,7 +253,7 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Model, &Preprocess) -
                 .with_hint("Register the model again with the right dim."),
             );
         }
-        f(model, &pre)
+        f(&mut Runner::Local(model), &pre)
     })
 }
 

@@ -103,8 +103,10 @@ pub fn check_size(image: &[u8]) {
     }
 }
 
-/// Describes this backend's model sessions (most recently used first; one row of NULLs when
-/// there is none) and how many sessions it has created. Loads nothing.
+/// Describes the model sessions that serve this connection, most recently used first (one row
+/// of NULLs when there is none), how many sessions were created, and where model runs happen:
+/// `inference` is `service` (the server's inference service holds the sessions: its sessions
+/// and count are shown) or `backend` (this connection's own). Loads nothing.
 #[pg_extern(volatile, parallel_safe)]
 #[allow(clippy::type_complexity)] // pgrx's name!() tuple is the SQL row type
 fn session_info() -> TableIterator<
@@ -117,34 +119,132 @@ fn session_info() -> TableIterator<
         name!(dimensions, Option<i32>),
         name!(intra_op_threads, Option<i32>),
         name!(sessions_created, i64),
+        name!(inference, String),
     ),
 > {
-    let created = session::sessions_created();
-    let mut rows: Vec<_> = session::current()
-        .into_iter()
-        .map(|s| {
-            (
-                Some(s.model),
-                Some(s.model_path),
-                Some(s.provider.to_string()),
-                Some(s.input_size),
-                Some(s.dim),
-                Some(s.threads),
-                created,
-            )
-        })
-        .collect();
+    let inference = crate::service::inference();
+    let mode = inference.as_str().to_string();
+    let mut rows: Vec<_> = if inference == crate::service::Inference::Service {
+        let (list, created) = crate::service::sessions();
+        // The service serves every database: others see only the sessions of this database's
+        // models, under this database's names (superusers see them all).
+        let mine = this_databases_models();
+        let superuser = unsafe { pg_sys::superuser() };
+        list.into_iter()
+            .filter_map(|mut s| {
+                match mine.iter().find(|(_, path)| *path == s.model_path) {
+                    Some((name, _)) => s.model.clone_from(name),
+                    None if superuser => {}
+                    None => return None,
+                }
+                Some(s)
+            })
+            .map(|s| {
+                (
+                    Some(s.model),
+                    Some(s.model_path),
+                    Some(s.provider),
+                    Some(s.input_size),
+                    Some(s.dim),
+                    Some(s.threads),
+                    created,
+                    mode.clone(),
+                )
+            })
+            .collect()
+    } else {
+        let created = session::sessions_created();
+        session::current()
+            .into_iter()
+            .map(|s| {
+                (
+                    Some(s.model),
+                    Some(s.model_path),
+                    Some(s.provider.to_string()),
+                    Some(s.input_size),
+                    Some(s.dim),
+                    Some(s.threads),
+                    created,
+                    mode.clone(),
+                )
+            })
+            .collect()
+    };
     if rows.is_empty() {
-        rows.push((None, None, None, None, None, None, created));
+        let created = match inference {
+            crate::service::Inference::Service => crate::service::sessions().1,
+            crate::service::Inference::Backend => session::sessions_created(),
+        };
+        rows.push((None, None, None, None, None, None, created, mode));
     }
     TableIterator::new(rows)
 }
 
+/// (name, resolved file) of each doppler.models entry of this database.
+fn this_databases_models() -> Vec<(String, String)> {
+    Spi::connect(|client| {
+        let rows = client.select("SELECT name, onnx_path FROM doppler.models", None, &[])?;
+        let mut out = Vec::new();
+        for r in rows {
+            let name = r.get::<String>(1)?.unwrap_or_default();
+            let path = r
+                .get::<String>(2)?
+                .map(|p| crate::dirs::expand(&p))
+                .unwrap_or_else(crate::gucs::model_path);
+            out.push((name, path));
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_default()
+}
+
+/// The inference service: its process, when it started, how often the postmaster started it,
+/// what it has served (requests, images, model runs, the largest run, requests answered with an
+/// error), and the requests queued and running now. No row when doppler is not in
+/// shared_preload_libraries.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn service_status() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(starts, i64),
+        name!(requests, i64),
+        name!(images, i64),
+        name!(runs, i64),
+        name!(largest_run, i64),
+        name!(failed, i64),
+        name!(queued, i64),
+        name!(running, i64),
+    ),
+> {
+    let rows = crate::service::status()
+        .map(|s| {
+            (
+                s.pid,
+                s.started_at
+                    .and_then(|t| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
+                s.starts,
+                s.requests,
+                s.images,
+                s.runs,
+                s.largest_run,
+                s.failed,
+                s.queued,
+                s.running,
+            )
+        })
+        .into_iter()
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}
+
 pub fn features_of(spec: &session::ModelSpec, bytes: &[u8], what: &str) -> Vec<f32> {
-    session::with_model(spec, |model, pre| {
+    session::with_model(spec, |runner, pre| {
         let mut slot = vec![0f32; pre.slot_len()];
         doppler_core::prepare(bytes, what, &crate::gucs::limits(), pre, &mut slot).or_raise();
-        model.run(&slot, 1).or_raise()
+        runner.run(&slot, 1).or_raise()
     })
 }
 
@@ -155,7 +255,7 @@ fn _check_model(name: &str) -> String {
     let spec = session::spec(Some(name));
     // load it afresh, even if this backend has a session of the same file
     session::forget(&spec);
-    session::with_model(&spec, |_, _| ());
+    session::with_model(&spec, |runner, _| runner.check());
     spec.tag()
 }
 

@@ -508,7 +508,7 @@ pub fn run_batch(
         let (limits, policy, skip_list) =
             (gucs::limits(), gucs::source_policy(), gucs::skip_hashes());
         let mut inferred: Vec<(String, Vec<f32>)> = Vec::new(); // dedup: vectors of this batch
-        session::with_model(&spec, |model, pre| {
+        session::with_model(&spec, |runner, pre| {
             let opts = StreamOptions {
                 threads,
                 chunk,
@@ -581,12 +581,13 @@ pub fn run_batch(
                         tensor.extend_from_slice(slot);
                     }
                     let running = Instant::now();
-                    let run = model.run(&tensor, groups.len());
+                    let run = runner.run(&tensor, groups.len());
                     phases.infer += running.elapsed();
                     match run {
                         Ok(out) => {
                             for (n, (key, rows, _)) in groups.into_iter().enumerate() {
-                                let v = &out[n * model.dim..(n + 1) * model.dim];
+                                let dim = runner.dim();
+                                let v = &out[n * dim..(n + 1) * dim];
                                 deduped += rows.len() as i64 - 1;
                                 for &i in &rows {
                                     outcomes[i].vector = Some(v.to_vec());

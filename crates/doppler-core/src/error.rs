@@ -35,9 +35,39 @@ pub enum ErrorKind {
     Inference,
     /// A bug or a panic in a dependency, caught at the boundary.
     Internal,
+    /// The server's inference service is not running.
+    ServiceUnavailable,
 }
 
 impl ErrorKind {
+    /// Every kind, for reading one back from its name ([`ErrorKind::from_name`]).
+    pub const ALL: [ErrorKind; 16] = [
+        ErrorKind::NotFound,
+        ErrorKind::IsDirectory,
+        ErrorKind::NotRegularFile,
+        ErrorKind::PermissionDenied,
+        ErrorKind::Refused,
+        ErrorKind::Io,
+        ErrorKind::NotAnImage,
+        ErrorKind::Unsupported,
+        ErrorKind::Corrupt,
+        ErrorKind::TooLarge,
+        ErrorKind::RuntimeMissing,
+        ErrorKind::Config,
+        ErrorKind::BadModel,
+        ErrorKind::Inference,
+        ErrorKind::Internal,
+        ErrorKind::ServiceUnavailable,
+    ];
+
+    /// The kind named `name` ([`ErrorKind::as_str`]); unknown names are `Internal`.
+    pub fn from_name(name: &str) -> ErrorKind {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == name)
+            .unwrap_or(ErrorKind::Internal)
+    }
+
     /// A stable lowercase name, used as the failure class in records.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,6 +86,7 @@ impl ErrorKind {
             ErrorKind::BadModel => "bad_model",
             ErrorKind::Inference => "inference",
             ErrorKind::Internal => "internal",
+            ErrorKind::ServiceUnavailable => "service_unavailable",
         }
     }
 }
@@ -116,5 +147,23 @@ pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 format!("internal error while {what}: {msg}"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorKind;
+
+    #[test]
+    fn every_kind_reads_back_from_its_name() {
+        // the inference service sends an error's kind to the caller by name
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(k.as_str()), k);
+        }
+        let mut names: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ErrorKind::ALL.len(), "names are unique");
+        assert_eq!(ErrorKind::from_name("no such kind"), ErrorKind::Internal);
     }
 }
