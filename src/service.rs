@@ -54,6 +54,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 
 use crate::gucs;
+use crate::session::SessionInfo;
 
 /// The `backend_type` of the service in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "doppler inference service";
@@ -92,7 +93,7 @@ struct Slot {
 #[repr(C)]
 struct PublishedSession {
     model: [u8; 128],
-    path: [u8; 1024],
+    path: [u8; 4096],
     provider: [u8; 8],
     input_size: i32,
     dim: i32,
@@ -103,6 +104,8 @@ struct PublishedSession {
 #[repr(C)]
 struct Shared {
     nslots: u32,
+    /// When the postmaster set this memory up (server start, crash restart).
+    initialized_at: AtomicI64,
     service_pid: AtomicI32,
     service_latch: AtomicUsize,
     starts: AtomicU64,
@@ -186,6 +189,8 @@ unsafe extern "C-unwind" fn startup_hook() {
         if !found {
             std::ptr::write_bytes(p.cast::<u8>(), 0, shared_size());
             (*p).nslots = nslots() as u32;
+            (*p).initialized_at
+                .store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
         }
         SHARED = p;
         pg_sys::LWLockRelease(lock);
@@ -247,6 +252,20 @@ impl Inference {
             Inference::Backend => "backend",
         }
     }
+}
+
+/// Whether `doppler.inference = service` and the service exists but has not started yet, in the
+/// first [`SERVICE_DOWN_GRACE`] after the server (re)started: callers run the model themselves
+/// meanwhile, in sessions they do not keep. A service that has not started by then never will (no
+/// background worker slot): callers keep their own sessions.
+pub fn not_started_yet() -> bool {
+    gucs::INFERENCE.get() == gucs::InferenceMode::Service
+        && shared().is_some_and(|s| {
+            let since_us =
+                unsafe { pg_sys::GetCurrentTimestamp() } - s.initialized_at.load(Ordering::Relaxed);
+            s.starts.load(Ordering::Acquire) == 0
+                && since_us < SERVICE_DOWN_GRACE.as_micros() as i64
+        })
 }
 
 /// Where this backend's next model run goes.
@@ -440,7 +459,8 @@ fn service_down() -> Error {
 /// Why a request was not answered with vectors.
 pub struct Failed {
     pub error: Error,
-    /// The model could not be loaded (or does not fit): not the images' fault.
+    /// Not the images' fault: the model could not be loaded (or does not fit), or the service
+    /// lost the request.
     pub loading: bool,
 }
 
@@ -552,12 +572,16 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
             LOST => {
                 drop(pending);
                 unsafe { pg_sys::dsm_detach(seg) };
-                return Err(Error::new(
+                let e = Error::new(
                     ErrorKind::Inference,
                     "doppler's inference service could not run this request: it could not read it, or stopped while running it three times",
                 )
-                .with_hint("The server log says why; the request is not tried again.")
-                .into());
+                .with_hint("The server log says why; the request is not tried again.");
+                // not the images' fault: raised, not recorded against rows
+                return Err(Failed {
+                    error: e,
+                    loading: true,
+                });
             }
             // insurance against a wake-up lost to a service that was starting
             QUEUED => wake_service(s),
@@ -645,16 +669,6 @@ fn wake_service(s: &Shared) {
 // ---------------------------------------------------------------------------------------------
 // What session_info and service_status show
 
-/// A session the service holds.
-pub struct ServiceSession {
-    pub model: String,
-    pub model_path: String,
-    pub provider: String,
-    pub input_size: i32,
-    pub dim: i32,
-    pub threads: i32,
-}
-
 fn cstr(b: &[u8]) -> String {
     CStr::from_bytes_until_nul(b)
         .map(|c| c.to_string_lossy().into_owned())
@@ -662,7 +676,7 @@ fn cstr(b: &[u8]) -> String {
 }
 
 /// The service's sessions, most recently used first, and how many it has created.
-pub fn sessions() -> (Vec<ServiceSession>, i64) {
+pub fn sessions() -> (Vec<SessionInfo>, i64) {
     let Some(s) = shared() else {
         return (Vec::new(), 0);
     };
@@ -675,9 +689,9 @@ pub fn sessions() -> (Vec<ServiceSession>, i64) {
         let n = (s.nsessions.load(Ordering::Acquire) as usize).min(PUBLISHED);
         // SAFETY: a racy read, checked against seq below.
         let table = unsafe { &*s.sessions.get() };
-        let list: Vec<ServiceSession> = table[..n]
+        let list: Vec<SessionInfo> = table[..n]
             .iter()
-            .map(|p| ServiceSession {
+            .map(|p| SessionInfo {
                 model: cstr(&p.model),
                 model_path: cstr(&p.path),
                 provider: cstr(&p.provider),
@@ -900,7 +914,7 @@ impl Request {
         unsafe {
             let seg = pg_sys::dsm_attach(handle);
             if seg.is_null() {
-                finish(procno);
+                lose(procno); // its caller is gone (or it never was a request)
                 return None;
             }
             let base = pg_sys::dsm_segment_address(seg).cast::<u8>();
@@ -914,7 +928,7 @@ impl Request {
             };
             if !fits {
                 pg_sys::dsm_detach(seg);
-                finish(procno);
+                lose(procno);
                 return None;
             }
             let h = &*base.cast::<Header>();
@@ -1019,6 +1033,7 @@ fn truncate(b: &[u8], room: usize) -> &[u8] {
 /// segments) is that request's, not the service's: outside a transaction it would end the
 /// service, and the next one would meet it again. The request is lost, its caller told.
 fn attach_or_lose(procno: usize) -> Option<Request> {
+    let handle = slot(procno).handle.load(Ordering::Relaxed);
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Request::attach(procno)))
         .catch_others(|e| {
             let msg = match &e {
@@ -1028,26 +1043,36 @@ fn attach_or_lose(procno: usize) -> Option<Request> {
                     r.message().to_string()
                 }
             };
-            // what error recovery does outside a transaction
-            unsafe { pg_sys::LWLockReleaseAll() };
-            warning!("doppler inference service: could not read a request: {msg}");
-            let slot = slot(procno);
-            if slot
-                .state
-                .compare_exchange(RUNNING, LOST, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                let _ = slot.state.compare_exchange(
-                    ABANDONED,
-                    IDLE,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+            // what error recovery does outside a transaction; and a descriptor dsm_attach made
+            // before it failed has no resource owner to release it
+            unsafe {
+                pg_sys::LWLockReleaseAll();
+                let seg = pg_sys::dsm_find_mapping(handle);
+                if !seg.is_null() {
+                    pg_sys::dsm_detach(seg);
+                }
             }
-            set_latch_of(procno);
+            warning!("doppler inference service: could not read a request: {msg}");
+            lose(procno);
             None
         })
         .execute()
+}
+
+/// Ends a RUNNING request that cannot be run: LOST for a caller that waits (it gets an error),
+/// IDLE for one that gave up; wakes whoever owns the slot now.
+fn lose(procno: usize) {
+    let slot = slot(procno);
+    if slot
+        .state
+        .compare_exchange(RUNNING, LOST, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        let _ = slot
+            .state
+            .compare_exchange(ABANDONED, IDLE, Ordering::AcqRel, Ordering::Acquire);
+    }
+    set_latch_of(procno);
 }
 
 /// Ends a RUNNING request: DONE for a caller that waits, IDLE for one that gave up; wakes
@@ -1159,6 +1184,26 @@ impl Service {
                                     group[r].put_vector(i, &out[j * dim..(j + 1) * dim]);
                                 }
                             }
+                            Err(e) if run.iter().any(|&(r, _)| r != run[0].0) => {
+                                // one caller's images must not fail the others': each alone
+                                for &(r, i) in &run {
+                                    let alone = doppler_core::error::catch_panic(
+                                        "running the model",
+                                        || model.run(group[r].image(i), 1),
+                                    );
+                                    s.runs.fetch_add(1, Ordering::Relaxed);
+                                    match alone {
+                                        Ok(v) => group[r].put_vector(i, &v),
+                                        Err(_) => {
+                                            group[r].error = Some(Error {
+                                                kind: e.kind,
+                                                message: e.message.clone(),
+                                                hint: e.hint.clone(),
+                                            })
+                                        }
+                                    }
+                                }
+                            }
                             Err(e) => {
                                 for &(r, _) in &run {
                                     group[r].error = Some(Error {
@@ -1191,12 +1236,9 @@ impl Service {
             device_id: key.device_id,
         };
         let file = file_of(&key.path);
-        let same = |h: &Held| {
-            h.config == config
-                && h.file == file
-                && h.key.version == key.version
-                && h.key.input_size == key.input_size
-        };
+        // the version only tags the vectors: two entries (or versions) of one file share a session
+        let same =
+            |h: &Held| h.config == config && h.file == file && h.key.input_size == key.input_size;
         if let Some(i) = self.sessions.iter().position(same) {
             let hit = self.sessions.remove(i);
             self.sessions.insert(0, hit);
@@ -1216,9 +1258,11 @@ impl Service {
                 );
             }
             s.sessions_created.fetch_add(1, Ordering::Relaxed);
-            // an older version or file of the same model is of no more use
-            self.sessions
-                .retain(|h| h.config != config || h.key.input_size != key.input_size);
+            // the same file's older sessions (replaced file, other threads or spinning after a
+            // reload) are of no more use
+            self.sessions.retain(|h| {
+                h.config.model_path != config.model_path || h.key.input_size != key.input_size
+            });
             let keep = (gucs::SERVICE_MAX_SESSIONS.get().max(1) as usize).saturating_sub(1);
             self.sessions.truncate(keep);
             self.sessions.insert(
@@ -1252,7 +1296,8 @@ impl Service {
             dst[..b.len()].copy_from_slice(b);
             dst[b.len()..].fill(0);
         };
-        s.seq.fetch_add(1, Ordering::AcqRel);
+        s.seq.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
         // SAFETY: only the service writes the published sessions; readers retry while seq is odd
         // or has moved.
         let table = unsafe { &mut *s.sessions.get() };
@@ -1266,6 +1311,6 @@ impl Service {
         }
         s.nsessions
             .store(self.sessions.len().min(PUBLISHED) as u32, Ordering::Release);
-        s.seq.fetch_add(1, Ordering::AcqRel);
+        s.seq.fetch_add(1, Ordering::Release);
     }
 }

@@ -132,10 +132,24 @@ fn key_of(spec: &ModelSpec) -> Key {
 
 /// Drops this backend's sessions of `spec`'s file.
 pub fn forget(spec: &ModelSpec) {
+    forget_path(&spec.path);
+}
+
+fn forget_path(path: &str) {
     SESSIONS.with(|cell| {
-        cell.borrow_mut()
-            .retain(|c| c.key.0.model_path != spec.path)
+        if let Ok(mut cache) = cell.try_borrow_mut() {
+            cache.retain(|c| c.key.0.model_path != path);
+        }
     });
+}
+
+/// Drops this backend's sessions of a file when it goes out of scope (also on an ERROR's unwinding).
+struct Forget(String);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        forget_path(&self.0);
+    }
 }
 
 thread_local! {
@@ -212,6 +226,10 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Runner, &Preprocess) 
         });
         return f(&mut runner, &pre);
     }
+    // The server's service has not started yet (server start, crash restart): this call runs in
+    // a session of its own that is not kept, so that the backend does not hold a model for its
+    // whole life next to the service's.
+    let _transient = service::not_started_yet().then(|| Forget(spec.path.clone()));
     let key = key_of(spec);
     SESSIONS.with(|cell| {
         let mut cache = cell.borrow_mut();
@@ -316,11 +334,11 @@ pub fn sessions_created() -> i64 {
     SESSIONS_CREATED.with(|c| c.get())
 }
 
-/// One cached session, described without creating any.
+/// One session (this backend's or the inference service's), described without creating any.
 pub struct SessionInfo {
     pub model: String,
     pub model_path: String,
-    pub provider: &'static str,
+    pub provider: String,
     pub input_size: i32,
     pub dim: i32,
     pub threads: i32,
@@ -334,7 +352,7 @@ pub fn current() -> Vec<SessionInfo> {
             .map(|c| SessionInfo {
                 model: c.name.clone(),
                 model_path: c.model.config.model_path.clone(),
-                provider: c.model.provider,
+                provider: c.model.provider.to_string(),
                 input_size: c.model.input_size as i32,
                 dim: c.model.dim as i32,
                 threads: c.model.config.intra_op_threads as i32,

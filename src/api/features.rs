@@ -124,13 +124,14 @@ fn session_info() -> TableIterator<
 > {
     let inference = crate::service::inference();
     let mode = inference.as_str().to_string();
-    let mut rows: Vec<_> = if inference == crate::service::Inference::Service {
+    let (sessions, created) = if inference == crate::service::Inference::Service {
         let (list, created) = crate::service::sessions();
         // The service serves every database: others see only the sessions of this database's
         // models, under this database's names (superusers see them all).
         let mine = this_databases_models();
         let superuser = unsafe { pg_sys::superuser() };
-        list.into_iter()
+        let list = list
+            .into_iter()
             .filter_map(|mut s| {
                 match mine.iter().find(|(_, path)| *path == s.model_path) {
                     Some((name, _)) => s.model.clone_from(name),
@@ -139,42 +140,27 @@ fn session_info() -> TableIterator<
                 }
                 Some(s)
             })
-            .map(|s| {
-                (
-                    Some(s.model),
-                    Some(s.model_path),
-                    Some(s.provider),
-                    Some(s.input_size),
-                    Some(s.dim),
-                    Some(s.threads),
-                    created,
-                    mode.clone(),
-                )
-            })
-            .collect()
+            .collect();
+        (list, created)
     } else {
-        let created = session::sessions_created();
-        session::current()
-            .into_iter()
-            .map(|s| {
-                (
-                    Some(s.model),
-                    Some(s.model_path),
-                    Some(s.provider.to_string()),
-                    Some(s.input_size),
-                    Some(s.dim),
-                    Some(s.threads),
-                    created,
-                    mode.clone(),
-                )
-            })
-            .collect()
+        (session::current(), session::sessions_created())
     };
+    let mut rows: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            (
+                Some(s.model),
+                Some(s.model_path),
+                Some(s.provider),
+                Some(s.input_size),
+                Some(s.dim),
+                Some(s.threads),
+                created,
+                mode.clone(),
+            )
+        })
+        .collect();
     if rows.is_empty() {
-        let created = match inference {
-            crate::service::Inference::Service => crate::service::sessions().1,
-            crate::service::Inference::Backend => session::sessions_created(),
-        };
         rows.push((None, None, None, None, None, None, created, mode));
     }
     TableIterator::new(rows)
@@ -248,12 +234,13 @@ pub fn features_of(spec: &session::ModelSpec, bytes: &[u8], what: &str) -> Vec<f
     })
 }
 
-/// Loads the registered model `name` in this backend, checking its file, input and output
+/// Loads the registered model `name` (in the inference service, or in this backend), checking its file, input and output
 /// against doppler.models; returns its tag (name@version). Used by `doppler.register_model`.
 #[pg_extern(volatile, strict, parallel_unsafe)]
 fn _check_model(name: &str) -> String {
     let spec = session::spec(Some(name));
-    // load it afresh, even if this backend has a session of the same file
+    // load it afresh, even if this backend has a session of the same file (the service keeps a
+    // session only while the file is unchanged, and checks the registered dim on every request)
     session::forget(&spec);
     session::with_model(&spec, |runner, _| runner.check());
     spec.tag()

@@ -387,3 +387,20 @@ def test_a_cancel_sent_to_the_service_is_ignored(cluster, db):
     assert "runs on the CPU" in cluster.log()
     after = service(db)
     assert (after["pid"], after["starts"]) == (before["pid"], before["starts"])
+
+
+def test_entries_and_versions_of_one_file_share_a_session(cluster, db):
+    """Two names (or versions) of one file are one session in the service: the version only tags
+    the vectors, and a name that alternates with another does not reload the model."""
+    db.execute("DELETE FROM doppler.models WHERE name = 'svc_same'")
+    db.execute("SELECT doppler.register_model('svc_same', %s, dim => 2048, version => '7')", (RESNET,))
+    try:
+        db.execute(Q, (PHOTOS[0], None))  # resnet50: doppler.model_path, the same file
+        created = db.execute("SELECT sessions_created FROM doppler.session_info() LIMIT 1").fetchone()[0]
+        for _ in range(3):
+            a = np.array(db.execute(Q, (PHOTOS[0], "svc_same")).fetchone()[0])
+            b = np.array(db.execute(Q, (PHOTOS[0], None)).fetchone()[0])
+            assert close(a, b)
+        assert db.execute("SELECT sessions_created FROM doppler.session_info() LIMIT 1").fetchone()[0] == created
+    finally:
+        db.execute("DELETE FROM doppler.models WHERE name = 'svc_same'")
