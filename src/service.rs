@@ -339,6 +339,23 @@ struct Header {
     cpu_fallback: u32,
 }
 
+impl Header {
+    /// Where this request's parts lie (lengths summed in usize: no overflow).
+    fn layout(&self) -> Layout {
+        let key_len = self.name_len as usize + self.path_len as usize + self.version_len as usize;
+        Layout::of(key_len, self.n as usize, self.input_size, self.dim)
+    }
+}
+
+/// `len` bytes at `at` past `base`, as text.
+///
+/// # Safety
+/// The bytes must lie inside one mapping.
+unsafe fn read_str(base: *const u8, at: usize, len: u32) -> String {
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(base.add(at), len as usize) })
+        .into_owned()
+}
+
 /// Byte offsets of a request segment's parts.
 struct Layout {
     key: usize,
@@ -607,13 +624,9 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
         }
         if h.failed != 0 {
             let m = base.add(layout.message);
-            let text = |at: usize, len: u32| {
-                String::from_utf8_lossy(std::slice::from_raw_parts(m.add(at), len as usize))
-                    .into_owned()
-            };
-            let kind = text(0, h.kind_len);
-            let message = text(h.kind_len as usize, h.message_len);
-            let hint = text((h.kind_len + h.message_len) as usize, h.hint_len);
+            let kind = read_str(m, 0, h.kind_len);
+            let message = read_str(m, h.kind_len as usize, h.message_len);
+            let hint = read_str(m, (h.kind_len + h.message_len) as usize, h.hint_len);
             let mut e = Error::new(ErrorKind::from_name(&kind), message);
             if !hint.is_empty() {
                 e.hint = Some(hint);
@@ -921,10 +934,7 @@ impl Request {
             let len = pg_sys::dsm_segment_map_length(seg);
             let fits = len >= size_of::<Header>() && {
                 let h = &*base.cast::<Header>();
-                h.magic == MAGIC && h.request == request && {
-                    let key_len = (h.name_len + h.path_len + h.version_len) as usize;
-                    Layout::of(key_len, h.n as usize, h.input_size, h.dim).total <= len
-                }
+                h.magic == MAGIC && h.request == request && h.layout().total <= len
             };
             if !fits {
                 pg_sys::dsm_detach(seg);
@@ -932,21 +942,12 @@ impl Request {
                 return None;
             }
             let h = &*base.cast::<Header>();
-            let layout = Layout::of(
-                (h.name_len + h.path_len + h.version_len) as usize,
-                h.n as usize,
-                h.input_size,
-                h.dim,
-            );
+            let layout = h.layout();
             let k = base.add(layout.key);
-            let text = |at: usize, len: u32| {
-                String::from_utf8_lossy(std::slice::from_raw_parts(k.add(at), len as usize))
-                    .into_owned()
-            };
             let key = Key {
-                name: text(0, h.name_len),
-                path: text(h.name_len as usize, h.path_len),
-                version: text((h.name_len + h.path_len) as usize, h.version_len),
+                name: read_str(k, 0, h.name_len),
+                path: read_str(k, h.name_len as usize, h.path_len),
+                version: read_str(k, h.name_len as usize + h.path_len as usize, h.version_len),
                 input_size: h.input_size,
                 dim: h.dim,
                 provider: provider_of(h.provider),
@@ -1062,26 +1063,21 @@ fn attach_or_lose(procno: usize) -> Option<Request> {
 /// Ends a RUNNING request that cannot be run: LOST for a caller that waits (it gets an error),
 /// IDLE for one that gave up; wakes whoever owns the slot now.
 fn lose(procno: usize) {
-    let slot = slot(procno);
-    if slot
-        .state
-        .compare_exchange(RUNNING, LOST, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        let _ = slot
-            .state
-            .compare_exchange(ABANDONED, IDLE, Ordering::AcqRel, Ordering::Acquire);
-    }
-    set_latch_of(procno);
+    end(procno, LOST);
 }
 
 /// Ends a RUNNING request: DONE for a caller that waits, IDLE for one that gave up; wakes
 /// whoever owns the slot now.
 fn finish(procno: usize) {
+    end(procno, DONE);
+}
+
+/// RUNNING → `to`, or ABANDONED → IDLE; then wakes the slot's owner.
+fn end(procno: usize, to: u32) {
     let slot = slot(procno);
     if slot
         .state
-        .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(RUNNING, to, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
         let _ = slot
