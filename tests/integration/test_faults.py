@@ -6,7 +6,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG, fixture_paths, wait_for, worker_fresh_nap
+from conftest import PG, fill_until, fixture_paths, wait_for, worker_fresh_nap
 
 GOOD = [p for p in fixture_paths() if "large_" not in p]
 A, B, C = GOOD[0], GOOD[1], GOOD[2]
@@ -159,10 +159,10 @@ def test_truncate_forgets_failure_records(db):
     db.execute("TRUNCATE tf_truncated")
     assert db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'tf_truncated'::regclass").fetchone()[0] == 0
     # the same key, a good image: filled at once, not held back by the old record
-    with db.transaction():  # (filled by this fill, not by the worker woken at commit)
-        db.execute("INSERT INTO tf_truncated VALUES (1, %s)", (data(A),))
-    db.execute("CALL doppler.fill('tf_truncated')")
-    assert db.execute("SELECT features IS NOT NULL FROM tf_truncated").fetchone()[0]
+    db.execute("INSERT INTO tf_truncated VALUES (1, %s)", (data(A),))
+    fill_until(db, "tf_truncated", lambda: db.execute("SELECT features IS NOT NULL FROM tf_truncated").fetchone()[0],
+               "row 1 filled")
+    assert db.execute("SELECT count(*) FROM doppler.failures WHERE relid = 'tf_truncated'::regclass").fetchone()[0] == 0
 
 
 def test_dropping_a_watched_column_ends_the_watch_with_a_warning(db, cluster):
@@ -234,7 +234,8 @@ def test_watches_follow_renames_of_tables_and_columns(db, cluster):
             else:
                 c.execute(f"UPDATE {t} SET note = %s WHERE key = 1", (data(C),))
             c.execute(f"INSERT INTO {t} (key, note) VALUES (3, %s)", (data(A),))
-            c.execute(f"CALL doppler.fill('{t}')")
+            # (async: the worker, woken at commit, may hold rows 1 and 3 while fill runs)
+            fill_until(c, t, lambda: c.execute(f"SELECT count(vec) FROM {t}").fetchone()[0] == 3, f"{t} refilled")
             got = dict(c.execute(f"SELECT key, vec FROM {t}").fetchall())
             assert close(got[1], features(c, C)) and close(got[2], features(c, B)) and close(got[3], features(c, A)), mode
             # the column now called "picture" (the old note) is not watched: changing it clears nothing
