@@ -242,7 +242,15 @@ BEGIN
         left_rows := @extschema@._fill_left(max_rows, filled, failed);
         EXIT WHEN left_rows OPERATOR(pg_catalog.=) 0;
         SELECT * INTO r FROM @extschema@._fill_batch(tbl::pg_catalog.oid, left_rows);
-        EXIT WHEN r.claimed OPERATOR(pg_catalog.=) 0;
+        IF r.claimed OPERATOR(pg_catalog.=) 0 THEN
+            -- nothing to claim: wait for the rows others hold (the worker's batch, another fill),
+            -- holding nothing of doppler's catalog meanwhile (committed first), and go on while
+            -- their holders leave rows to do
+            COMMIT;
+            EXIT WHEN NOT @extschema@._fill_wait(tbl::pg_catalog.oid);
+            COMMIT;
+            CONTINUE;
+        END IF;
         filled := filled OPERATOR(pg_catalog.+) r.filled;
         failed := failed OPERATOR(pg_catalog.+) r.failed;
         COMMIT;
@@ -251,7 +259,7 @@ BEGIN
     RAISE NOTICE '%', @extschema@._fill_progress(tbl, total, done_before, filled, failed, t0, true);
 END $$;
 COMMENT ON PROCEDURE @extschema@.fill(regclass, int) IS
-  'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. CALL it outside a transaction block.';
+  'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. Rows that others hold (the worker''s batch, another fill) are waited for, so it returns when no row is left to do but those waiting for a retry or given up. CALL it outside a transaction block.';
 
 -- Forget a dropped table, and end the watch of a table that lost a column doppler works with
 -- (its source, vector, hash, model or key column), with a WARNING instead of a failing batch on
@@ -344,7 +352,7 @@ CREATE POLICY failures_of_own_tables ON @extschema@.failures FOR SELECT
     USING (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c
                                    WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE'));
 -- Internal functions: those the public wrappers need check the caller's rights inside
--- (_watch, _unwatch, _retry_failed, _fill_batch, _create_index: ownership; _similar,
+-- (_watch, _unwatch, _retry_failed, _fill_batch, _fill_wait, _create_index: ownership; _similar,
 -- _duplicates, _near_duplicates, _counts, _status: SELECT); the rest are not for PUBLIC.
 REVOKE ALL ON FUNCTION @extschema@._check_model(text) FROM PUBLIC;
 

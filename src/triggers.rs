@@ -143,9 +143,11 @@ fn compat_args(w: &Watched) -> String {
 }
 
 thread_local! {
-    /// Set while doppler itself clears held marks (unmark): the sync trigger does not fill the
-    /// rows that this UPDATE touches (the worker, or the next statement, does).
-    static UNMARKING: Cell<bool> = const { Cell::new(false) };
+    /// The table whose held marks doppler itself is clearing (unmark): the sync trigger does not
+    /// fill the rows that this UPDATE touches (the worker, or the next statement, does). Only
+    /// that table's: rows that the owner's own triggers write to other tables meanwhile are
+    /// filled as in any statement.
+    static UNMARKING: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
     static WAKE_PENDING: Cell<bool> = const { Cell::new(false) };
     static PIDS: RefCell<(Vec<i32>, Option<Instant>)> = const { RefCell::new((Vec::new(), None)) };
 }
@@ -368,7 +370,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     // when called as a trigger, which is checked first.
     let tg = unsafe { trigger_data(fcinfo, "doppler._sync_trigger()") };
     let (relid, has_rows) = unsafe { ((*(*tg).tg_relation).rd_id, !(*tg).tg_newtable.is_null()) };
-    if !has_rows || UNMARKING.with(|u| u.get()) {
+    if !has_rows || UNMARKING.with(|u| u.get()) == Some(relid) {
         return pg_sys::Datum::from(0usize);
     }
     let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
@@ -401,16 +403,16 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     pg_sys::Datum::from(0usize)
 }
 
-/// Runs `f` with the sync trigger off for this backend (restored on error too: an ERROR unwinds
-/// through this frame).
-pub fn without_sync<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+/// Runs `f` with the sync trigger of table `relid` off for this backend (restored on error too:
+/// an ERROR unwinds through this frame).
+pub fn without_sync<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<pg_sys::Oid>);
     impl Drop for Restore {
         fn drop(&mut self) {
             UNMARKING.with(|u| u.set(self.0));
         }
     }
-    let _restore = Restore(UNMARKING.with(|u| u.replace(true)));
+    let _restore = Restore(UNMARKING.with(|u| u.replace(Some(relid))));
     f()
 }
 

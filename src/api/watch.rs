@@ -604,7 +604,7 @@ fn unmark(w: &batch::Watched, orphans: bool) -> i64 {
         String::new()
     };
     w.check_name();
-    triggers::without_sync(|| {
+    triggers::without_sync(w.relid, || {
         Spi::get_one_with_args::<i64>(
             &format!(
                 "WITH u AS (UPDATE {table} t SET {mc} = NULL, {vec} = NULL
@@ -706,6 +706,25 @@ fn _fill_batch(
         )
     };
     TableIterator::once((r.claimed, r.filled, r.failed, r.seconds))
+}
+
+/// For `fill`, when its claim found nothing: waits for the rows with work to do that other
+/// transactions hold, and says whether a row is left to claim ([`batch::wait_for_holders`]).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _fill_wait(relid: pg_sys::Oid) -> bool {
+    owned_table(relid);
+    if batch::load_watched(Some(relid)).is_empty() {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!(
+                "relation with OID {} is not watched by doppler",
+                relid.to_u32()
+            ),
+            "Call doppler.watch() first.",
+        )
+    }
+    batch::wait_for_holders(relid)
 }
 
 /// Wakes this database's doppler workers now instead of at their next nap. Returns how many.

@@ -431,7 +431,8 @@ pub fn run_batch(
     let tag = spec.tag();
     let mut phases = Phases::default();
     // claim: as the table owner (its casts, operators and policies run with its own rights)
-    let (claimed, no_stale, obsolete) = as_owner(w.owner, || claim(w, limit, only, &tag));
+    let (claimed, no_stale, obsolete) =
+        as_owner(w.owner, || claim(w, limit, only, &tag, Locked::Skip));
     phases.claim = t0.elapsed();
     if !obsolete.is_empty() {
         as_catalog(catalog_role, || forget_failures(w, &obsolete));
@@ -740,6 +741,22 @@ fn has_phase_columns(version: &str) -> bool {
     (part(0), part(1)) >= (0, 5)
 }
 
+/// For `fill`, once its claims find nothing: waits until the transactions that hold rows of
+/// `relid` with work to do end (the worker's batch, another fill, a sync statement, or any
+/// transaction that locked them), one row at a time, then says whether a row is left that a
+/// claim can take. The claim's own query without SKIP LOCKED, for one row; as the table owner.
+/// It never holds a row while it waits for another, so it cannot deadlock with a batch (batches
+/// wait for no row) or with another fill's wait. A cancel, `statement_timeout` or `lock_timeout`
+/// ends the wait.
+pub fn wait_for_holders(relid: pg_sys::Oid) -> bool {
+    let Some(w) = &lock_current(relid, Via::Fill) else {
+        return false;
+    };
+    let tag = w.spec().tag();
+    let (rows, _, _) = as_owner(w.owner, || claim(w, 1, None, &tag, Locked::Wait));
+    !rows.is_empty()
+}
+
 /// Claims up to `limit` rows to embed (locked, FOR UPDATE SKIP LOCKED), as the table owner:
 /// 1. rows whose failure record is due for a retry, found through doppler.failures' index on
 ///    `next_attempt` (held rows are out of the pending index: [`HELD`]);
@@ -758,9 +775,14 @@ fn claim(
     limit: i64,
     only: Option<&[String]>,
     tag: &str,
+    locked: Locked,
 ) -> (Vec<Claimed>, Option<String>, Vec<String>) {
     if only.is_some() {
-        return (claim_where(w, limit, only, tag, None), None, Vec::new());
+        return (
+            claim_where(w, limit, only, tag, None, locked),
+            None,
+            Vec::new(),
+        );
     }
     let mut rows = Vec::new();
     // (each phase's rows are locked by this transaction, which SKIP LOCKED does not skip: a row
@@ -781,16 +803,20 @@ fn claim(
         // (keys are cast to the key's type, so that its index serves them; a record whose key no
         // longer fits it, after the key's type changed, must not stop every claim: then the keys
         // are compared as text, a scan, until those records settle. Other errors are raised.)
-        let (more, by) = match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None)) {
-            Ok(more) => (more, w.clone()),
-            Err(_) => {
-                let text = Watched {
-                    key_type: None,
-                    ..w.clone()
-                };
-                (claim_where(&text, limit, Some(&due), tag, None), text)
-            }
-        };
+        let (more, by) =
+            match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None, locked)) {
+                Ok(more) => (more, w.clone()),
+                Err(_) => {
+                    let text = Watched {
+                        key_type: None,
+                        ..w.clone()
+                    };
+                    (
+                        claim_where(&text, limit, Some(&due), tag, None, locked),
+                        text,
+                    )
+                }
+            };
         add(&mut rows, more);
         if rows.len() < due.len() {
             obsolete = without_work(&by, &due, tag);
@@ -798,13 +824,27 @@ fn claim(
     }
     if (rows.len() as i64) < limit {
         let pending = w.pending_index_over("t");
-        let more = claim_where(w, limit - rows.len() as i64, None, tag, Some(&pending));
+        let more = claim_where(
+            w,
+            limit - rows.len() as i64,
+            None,
+            tag,
+            Some(&pending),
+            locked,
+        );
         add(&mut rows, more);
     }
     let mut no_stale = None;
     if (rows.len() as i64) < limit && w.stale_scan.as_deref() != Some(tag) {
         let outside = format!("NOT {} AND {}", w.pending_over("t"), w.unheld_over("t"));
-        let more = claim_where(w, limit - rows.len() as i64, None, tag, Some(&outside));
+        let more = claim_where(
+            w,
+            limit - rows.len() as i64,
+            None,
+            tag,
+            Some(&outside),
+            locked,
+        );
         if more.is_empty() && w.has_stale_scan && !any_stale(w, tag) {
             no_stale = Some(tag.to_string());
         }
@@ -890,6 +930,15 @@ fn any_stale(w: &Watched, tag: &str) -> bool {
     .unwrap_or(true)
 }
 
+/// What a claim does with a row to do that another transaction holds (row-locked).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Locked {
+    /// `SKIP LOCKED`: a batch takes the rows nobody holds.
+    Skip,
+    /// Waits for the holder to end, then takes the row if it is still to do ([`wait_for_holders`]).
+    Wait,
+}
+
 /// One claim query: the rows to do (`narrow`: and this condition over alias `t`).
 fn claim_where(
     w: &Watched,
@@ -897,6 +946,7 @@ fn claim_where(
     only: Option<&[String]>,
     tag: &str,
     narrow: Option<&str>,
+    locked: Locked,
 ) -> Vec<Claimed> {
     let key = w.key_expr();
     let src = quote_identifier(&w.source_column);
@@ -930,8 +980,9 @@ fn claim_where(
                              AND f.source IS NOT DISTINCT FROM {shown}
                              AND (f.next_attempt IS NULL OR f.next_attempt OPERATOR(pg_catalog.>) pg_catalog.now()))
          LIMIT $2
-         FOR UPDATE OF t SKIP LOCKED",
+         FOR UPDATE OF t {skip}",
         table = w.name,
+        skip = if locked == Locked::Skip { "SKIP LOCKED" } else { "" },
     );
     let mut args: Vec<pgrx::datum::DatumWithOid> = vec![w.relid.into(), limit.into()];
     if let Some(keys) = only {

@@ -180,16 +180,6 @@ def wait_for(predicate, timeout=180, interval=0.3, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def fill_until(conn, table, predicate, what, timeout=60):
-    """CALLs doppler.fill until `predicate()` holds. fill skips the rows another filler holds (FOR
-    UPDATE SKIP LOCKED), and the worker's periodic pass fills manual tables too: a row it claimed
-    just before is done when its batch commits, not when fill returns."""
-    def filled():
-        conn.execute(f"CALL doppler.fill('{table}')")
-        return predicate()
-    return wait_for(filled, timeout, 0.3, what)
-
-
 def status(conn, table):
     row = conn.execute(
         "SELECT total, done, pending, failed, retrying, skipped, worker_pid FROM doppler.status WHERE table_name = %s::regclass",

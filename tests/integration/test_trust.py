@@ -731,6 +731,7 @@ def test_stranger_cannot_use_internal_functions(cluster, admin, victim):
                 problems.append(f"tb_str's doppler._fill_rows(tb_vic.t, {keys}) leaks the victim's path: {out}")
         calls = [
             ("_fill_batch(oid,integer)", "SELECT * FROM doppler._fill_batch(%s::oid, 4)"),
+            ("_fill_wait(oid)", "SELECT doppler._fill_wait(%s::oid)"),
             ("_watch(oid,text,text,integer,integer,text,text,text,boolean,text,text)",
              "SELECT doppler._watch(%s::oid, 'f_img', 'features', 32, 0, 'async', 'raise', NULL, false, NULL, NULL)"),
             ("_unwatch(oid)", "SELECT doppler._unwatch(%s::oid)"),

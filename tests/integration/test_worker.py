@@ -141,6 +141,63 @@ def test_fill_by_hand_with_max_rows(noworker):
         assert_where_the_time_went(c, "byhand", "fill")
 
 
+def test_fill_waits_for_rows_others_hold(cluster, noworker):
+    """fill claims with SKIP LOCKED; once nothing is left that it can claim, it waits for the rows
+    that others hold (here a transaction that locked one; the worker's batch and another fill hold
+    theirs the same way), fills those they leave to do, and returns with none left. lock_timeout
+    ends the wait. As a plain owner, in a database no worker serves."""
+    with noworker() as admin:
+        admin.execute("DROP ROLE IF EXISTS fw_owner")
+        admin.execute("CREATE ROLE fw_owner LOGIN")
+        admin.execute("CREATE SCHEMA fw AUTHORIZATION fw_owner")
+    images = []
+    for p in GOOD[:5]:
+        with open(p, "rb") as f:
+            images.append(f.read())
+    connect = lambda: cluster.connect("doppler_noworker", user="fw_owner")  # noqa: E731
+    with connect() as c, connect() as holder, noworker() as watcher:
+        c.execute("CREATE TABLE fw.t (id int PRIMARY KEY, img bytea, features real[])")
+        c.execute("SELECT doppler.watch('fw.t', 'img', batch_size => 2, mode => 'manual')")
+        with c.cursor() as cur:
+            cur.executemany("INSERT INTO fw.t VALUES (%s, %s)", list(enumerate(images, 1)))
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        holder.execute("BEGIN")
+        holder.execute("SELECT FROM fw.t WHERE id = 3 FOR UPDATE")
+        done, errors = threading.Event(), []
+
+        def run():
+            try:
+                c.execute("CALL doppler.fill('fw.t')")
+            except Exception as e:  # noqa: BLE001 - asserted below
+                errors.append(e)
+            done.set()
+        t = threading.Thread(target=run)
+        t.start()
+
+        def waiting():
+            assert not done.is_set(), f"fill returned while row 3 was held: {errors}"
+            return watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                   (pid,)).fetchone()[0] == "Lock"
+        wait_for(waiting, 120, 0.05, "fill waiting for row 3")
+        assert watcher.execute("SELECT array_agg(id ORDER BY id) FROM fw.t WHERE features IS NULL").fetchone()[0] == [3]
+        holder.execute("ROLLBACK")  # row 3 is left to do: fill takes it
+        t.join(120)
+        assert not t.is_alive() and not errors, errors
+        assert watcher.execute("SELECT count(features) FROM fw.t").fetchone()[0] == 5
+        # its lock_timeout ends the wait, with the batches before it committed
+        c.execute("UPDATE fw.t SET features = NULL WHERE id IN (1, 2)")
+        holder.execute("BEGIN")
+        holder.execute("SELECT FROM fw.t WHERE id = 2 FOR UPDATE")
+        c.execute("SET lock_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            c.execute("CALL doppler.fill('fw.t')")
+        holder.execute("ROLLBACK")
+        assert c.execute("SELECT array_agg(id ORDER BY id) FROM fw.t WHERE features IS NULL").fetchone()[0] == [2]
+    with noworker() as admin:
+        admin.execute("DROP SCHEMA fw CASCADE")
+        admin.execute("DROP ROLE fw_owner")
+
+
 def assert_where_the_time_went(db, table, via):
     """Every batch of `table` says where its time went: the backend's phases add up to no more than its
     wall time, and the decode threads' stages are there (they ran while the model did)."""
