@@ -143,11 +143,11 @@ fn compat_args(w: &Watched) -> String {
 }
 
 thread_local! {
-    /// The table whose held marks doppler itself is clearing (unmark): the sync trigger does not
-    /// fill the rows that this UPDATE touches (the worker, or the next statement, does). Only
-    /// that table's: rows that the owner's own triggers write to other tables meanwhile are
-    /// filled as in any statement.
-    static UNMARKING: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
+    /// The tables whose held marks doppler itself is clearing (unmark; nested when the owner's
+    /// trigger clears another table's): the sync trigger does not fill the rows that those
+    /// UPDATEs touch (the worker, or the next statement, does). Only those tables': rows that
+    /// the owner's own triggers write to other tables meanwhile are filled as in any statement.
+    static UNMARKING: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
     static WAKE_PENDING: Cell<bool> = const { Cell::new(false) };
     static PIDS: RefCell<(Vec<i32>, Option<Instant>)> = const { RefCell::new((Vec::new(), None)) };
 }
@@ -370,7 +370,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     // when called as a trigger, which is checked first.
     let tg = unsafe { trigger_data(fcinfo, "doppler._sync_trigger()") };
     let (relid, has_rows) = unsafe { ((*(*tg).tg_relation).rd_id, !(*tg).tg_newtable.is_null()) };
-    if !has_rows || UNMARKING.with(|u| u.get()) == Some(relid) {
+    if !has_rows || UNMARKING.with(|u| u.borrow().contains(&relid)) {
         return pg_sys::Datum::from(0usize);
     }
     let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
@@ -406,13 +406,17 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
 /// Runs `f` with the sync trigger of table `relid` off for this backend (restored on error too:
 /// an ERROR unwinds through this frame).
 pub fn without_sync<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<pg_sys::Oid>);
+    struct Restore(usize);
     impl Drop for Restore {
         fn drop(&mut self) {
-            UNMARKING.with(|u| u.set(self.0));
+            UNMARKING.with(|u| u.borrow_mut().truncate(self.0));
         }
     }
-    let _restore = Restore(UNMARKING.with(|u| u.replace(Some(relid))));
+    let _restore = Restore(UNMARKING.with(|u| {
+        let mut u = u.borrow_mut();
+        u.push(relid);
+        u.len() - 1
+    }));
     f()
 }
 

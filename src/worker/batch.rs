@@ -1,5 +1,5 @@
 //! One batch of a watched table, in the current transaction: claim rows whose vector is NULL
-//! (`FOR UPDATE SKIP LOCKED`, so concurrent fillers never take the same row), prepare their
+//! (`FOR NO KEY UPDATE SKIP LOCKED`, so concurrent fillers never take the same row), prepare their
 //! images on threads (pure Rust), run the model once, write the vectors, and record failures.
 //! The table is only ever touched as its owner (see `privileged.rs`). Shared by the background
 //! worker, `doppler.fill()` and the sync trigger.
@@ -289,7 +289,13 @@ impl Via {
 /// holds locked (None: skipped this pass). Raises when a partition or child table has another
 /// owner: doppler would run that owner's triggers with the parent owner's rights.
 pub fn lock_current(relid: pg_sys::Oid, via: Via) -> Option<Watched> {
-    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    lock_watched(relid, via, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
+}
+
+/// [`lock_current`] with a lock mode of the caller's: fill's wait only reads and row-locks (ROW
+/// SHARE, as `SELECT ... FOR UPDATE` takes), so that it does not hold CREATE INDEX or CREATE
+/// TRIGGER back for as long as it waits.
+fn lock_watched(relid: pg_sys::Oid, via: Via, mode: pg_sys::LOCKMODE) -> Option<Watched> {
     if via == Via::Worker {
         if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
             return None;
@@ -745,19 +751,33 @@ fn has_phase_columns(version: &str) -> bool {
 /// `relid` with work to do end (the worker's batch, another fill, a sync statement, or any
 /// transaction that locked them), one row at a time, then says whether a row is left that a
 /// claim can take. The claim's own query without SKIP LOCKED, for one row; as the table owner.
-/// It never holds a row while it waits for another, so it cannot deadlock with a batch (batches
-/// wait for no row) or with another fill's wait. A cancel, `statement_timeout` or `lock_timeout`
-/// ends the wait.
+/// Batches wait for no row, so a batch and this wait never deadlock. The wait keeps the locks
+/// of rows it found filled meanwhile until fill commits: a deadlock with another transaction
+/// over those (or a serialization failure, under REPEATABLE READ) rolls the wait back and says
+/// true, and fill tries again in a new transaction. A cancel or `lock_timeout` ends the wait
+/// with its error.
 pub fn wait_for_holders(relid: pg_sys::Oid) -> bool {
-    let Some(w) = &lock_current(relid, Via::Fill) else {
+    let Some(w) = &lock_watched(relid, Via::Fill, pg_sys::RowShareLock as pg_sys::LOCKMODE) else {
         return false;
     };
     let tag = w.spec().tag();
-    let (rows, _, _) = as_owner(w.owner, || claim(w, 1, None, &tag, Locked::Wait));
-    !rows.is_empty()
+    match in_subtransaction(|| as_owner(w.owner, || claim(w, 1, None, &tag, Locked::Wait))) {
+        Ok((rows, _, _)) => !rows.is_empty(),
+        Err((code, _)) if retried(code) => true,
+        Err((code, message)) => crate::errors::raise_code(code, message, ""),
+    }
 }
 
-/// Claims up to `limit` rows to embed (locked, FOR UPDATE SKIP LOCKED), as the table owner:
+/// Errors of a lock wait that end when the transaction does: deadlock and serialization
+/// failures. Never a reason to read a row another way.
+fn retried(code: PgSqlErrorCode) -> bool {
+    code == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
+        || code == PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+}
+
+/// Claims up to `limit` rows to embed (locked, FOR NO KEY UPDATE SKIP LOCKED: doppler writes no
+/// key column, so an open transaction that references a row by foreign key does not hold it
+/// back), as the table owner:
 /// 1. rows whose failure record is due for a retry, found through doppler.failures' index on
 ///    `next_attempt` (held rows are out of the pending index: [`HELD`]);
 /// 2. rows without a vector (or without a hash), through the pending index `watch` creates (a
@@ -806,6 +826,12 @@ fn claim(
         let (more, by) =
             match in_subtransaction(|| claim_where(w, limit, Some(&due), tag, None, locked)) {
                 Ok(more) => (more, w.clone()),
+                // (a lock wait's error is not the key's: raised as it came)
+                Err((code, message))
+                    if retried(code) || code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+                {
+                    crate::errors::raise_code(code, message, "")
+                }
                 Err(_) => {
                     let text = Watched {
                         key_type: None,
@@ -980,7 +1006,7 @@ fn claim_where(
                              AND f.source IS NOT DISTINCT FROM {shown}
                              AND (f.next_attempt IS NULL OR f.next_attempt OPERATOR(pg_catalog.>) pg_catalog.now()))
          LIMIT $2
-         FOR UPDATE OF t {skip}",
+         FOR NO KEY UPDATE OF t {skip}",
         table = w.name,
         skip = if locked == Locked::Skip { "SKIP LOCKED" } else { "" },
     );

@@ -170,9 +170,9 @@ def test_clearing_held_marks_leaves_other_tables_sync(db, cluster):
     rows are redone by the worker or fill, not in the call), and only that table's: a row that the
     owner's own trigger writes to another sync table meanwhile is filled in the statement, as it
     would be in any other. As a plain owner."""
+    db.execute("DROP SCHEMA IF EXISTS tf_marks CASCADE")
     db.execute("DROP ROLE IF EXISTS tf_marks")
     db.execute("CREATE ROLE tf_marks LOGIN")
-    db.execute("DROP SCHEMA IF EXISTS tf_marks CASCADE")
     db.execute("CREATE SCHEMA tf_marks AUTHORIZATION tf_marks")
     with cluster.connect(user="tf_marks") as c:
         c.execute("CREATE TABLE tf_marks.src (id int PRIMARY KEY, img bytea, features real[])")

@@ -145,8 +145,10 @@ def test_fill_waits_for_rows_others_hold(cluster, noworker):
     """fill claims with SKIP LOCKED; once nothing is left that it can claim, it waits for the rows
     that others hold (here a transaction that locked one; the worker's batch and another fill hold
     theirs the same way), fills those they leave to do, and returns with none left. lock_timeout
-    ends the wait. As a plain owner, in a database no worker serves."""
+    ends the wait; under REPEATABLE READ, a row its holder filled is a serialization failure that
+    fill gets past in a new transaction. As a plain owner, in a database no worker serves."""
     with noworker() as admin:
+        admin.execute("DROP SCHEMA IF EXISTS fw CASCADE")
         admin.execute("DROP ROLE IF EXISTS fw_owner")
         admin.execute("CREATE ROLE fw_owner LOGIN")
         admin.execute("CREATE SCHEMA fw AUTHORIZATION fw_owner")
@@ -161,29 +163,38 @@ def test_fill_waits_for_rows_others_hold(cluster, noworker):
         with c.cursor() as cur:
             cur.executemany("INSERT INTO fw.t VALUES (%s, %s)", list(enumerate(images, 1)))
         pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+        def fill_behind(row):
+            """Starts fill in a thread, and returns once it waits for `row`, which holder holds."""
+            done, errors = threading.Event(), []
+
+            def run():
+                try:
+                    c.execute("CALL doppler.fill('fw.t')")
+                except Exception as e:  # noqa: BLE001 - asserted by the caller
+                    errors.append(e)
+                done.set()
+            t = threading.Thread(target=run)
+            t.start()
+
+            def waiting():
+                assert not done.is_set(), f"fill returned while row {row} was held: {errors}"
+                return watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                       (pid,)).fetchone()[0] == "Lock"
+            wait_for(waiting, 120, 0.05, f"fill waiting for row {row}")
+            return t, errors
+
+        def todo():
+            return watcher.execute("SELECT array_agg(id ORDER BY id) FROM fw.t WHERE features IS NULL").fetchone()[0]
+
         holder.execute("BEGIN")
         holder.execute("SELECT FROM fw.t WHERE id = 3 FOR UPDATE")
-        done, errors = threading.Event(), []
-
-        def run():
-            try:
-                c.execute("CALL doppler.fill('fw.t')")
-            except Exception as e:  # noqa: BLE001 - asserted below
-                errors.append(e)
-            done.set()
-        t = threading.Thread(target=run)
-        t.start()
-
-        def waiting():
-            assert not done.is_set(), f"fill returned while row 3 was held: {errors}"
-            return watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                                   (pid,)).fetchone()[0] == "Lock"
-        wait_for(waiting, 120, 0.05, "fill waiting for row 3")
-        assert watcher.execute("SELECT array_agg(id ORDER BY id) FROM fw.t WHERE features IS NULL").fetchone()[0] == [3]
+        t, errors = fill_behind(3)
+        assert todo() == [3]
         holder.execute("ROLLBACK")  # row 3 is left to do: fill takes it
         t.join(120)
         assert not t.is_alive() and not errors, errors
-        assert watcher.execute("SELECT count(features) FROM fw.t").fetchone()[0] == 5
+        assert todo() is None
         # its lock_timeout ends the wait, with the batches before it committed
         c.execute("UPDATE fw.t SET features = NULL WHERE id IN (1, 2)")
         holder.execute("BEGIN")
@@ -192,7 +203,20 @@ def test_fill_waits_for_rows_others_hold(cluster, noworker):
         with pytest.raises(psycopg.errors.LockNotAvailable):
             c.execute("CALL doppler.fill('fw.t')")
         holder.execute("ROLLBACK")
-        assert c.execute("SELECT array_agg(id ORDER BY id) FROM fw.t WHERE features IS NULL").fetchone()[0] == [2]
+        assert todo() == [2]
+        # REPEATABLE READ: the holder fills row 2 itself; fill's wait fails to serialize, and the
+        # next pass, in a new transaction, finds nothing left
+        c.execute("RESET lock_timeout")
+        c.execute("SET default_transaction_isolation = 'repeatable read'")
+        holder.execute("BEGIN")
+        holder.execute("SELECT FROM fw.t WHERE id = 2 FOR UPDATE")
+        t, errors = fill_behind(2)
+        holder.execute("UPDATE fw.t SET features = (SELECT features FROM fw.t WHERE id = 1) WHERE id = 2")
+        holder.execute("COMMIT")
+        t.join(120)
+        assert not t.is_alive() and not errors, errors
+        assert todo() is None
+        c.execute("RESET default_transaction_isolation")
     with noworker() as admin:
         admin.execute("DROP SCHEMA fw CASCADE")
         admin.execute("DROP ROLE fw_owner")
@@ -335,8 +359,8 @@ def test_watch_checks(db, cluster):
     # unwatch keeps the data
     make_table(db, "keepme")
     db.execute("SELECT doppler.watch('keepme')")
-    db.execute("CALL doppler.fill('keepme')")  # races the worker: rows it holds are skipped, not waited for
-    wait_filled(db, "keepme")
+    db.execute("CALL doppler.fill('keepme')")  # races the worker: fill waits for the rows it holds
+    assert status(db, "keepme")["pending"] == 0
     assert db.execute("SELECT doppler.unwatch('keepme')").fetchone()[0] is True
     assert db.execute("SELECT count(features) FROM keepme").fetchone()[0] == len(GOOD)
     assert db.execute("SELECT count(*) FROM doppler.watched WHERE relid = 'keepme'::regclass").fetchone()[0] == 0
