@@ -35,12 +35,11 @@ BEGIN
         SELECT * INTO r FROM @extschema@._fill_batch(tbl::pg_catalog.oid, left_rows);
         IF r.claimed OPERATOR(pg_catalog.=) 0 THEN
             -- nothing to claim: wait for the rows others hold (the worker's batch, another fill),
-            -- and go on while their holders leave rows to do. What the batch wrote (records it
-            -- forgot, the stale scan's mark) is committed first: the wait holds no row of
-            -- doppler's catalog that a holder's batch may write.
-            IF pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL THEN
-                COMMIT;
-            END IF;
+            -- and go on while their holders leave rows to do. In a transaction of its own: the
+            -- batch's ROW EXCLUSIVE lock on the table, and what it wrote (records it forgot, the
+            -- stale scan's mark, rows of doppler's catalog that a holder's batch may write), are
+            -- not held while it waits.
+            COMMIT;
             EXIT WHEN NOT @extschema@._fill_wait(tbl::pg_catalog.oid);
             COMMIT;
             CONTINUE;

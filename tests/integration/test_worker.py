@@ -191,6 +191,11 @@ def test_fill_waits_for_rows_others_hold(cluster, noworker):
         holder.execute("SELECT FROM fw.t WHERE id = 3 FOR UPDATE")
         t, errors = fill_behind(3)
         assert todo() == [3]
+        # waiting in a transaction of its own, on the table in ROW SHARE mode only: CREATE INDEX
+        # and CREATE TRIGGER do not queue behind it
+        assert watcher.execute("""SELECT array_agg(mode::text) FROM pg_locks WHERE pid = %s
+                                  AND locktype = 'relation' AND relation = 'fw.t'::regclass""",
+                               (pid,)).fetchone()[0] == ["RowShareLock"]
         holder.execute("ROLLBACK")  # row 3 is left to do: fill takes it
         t.join(120)
         assert not t.is_alive() and not errors, errors
