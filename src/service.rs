@@ -356,6 +356,19 @@ unsafe fn read_str(base: *const u8, at: usize, len: u32) -> String {
         .into_owned()
 }
 
+/// Writes `parts` one after another from `dst` (the key's name, path and version; an error's
+/// kind, message and hint), the counterpart of [`read_str`].
+///
+/// # Safety
+/// Their total length must fit inside the mapping from `dst`.
+unsafe fn write_strs(dst: *mut u8, parts: &[&[u8]]) {
+    let mut at = 0;
+    for p in parts {
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
+        at += p.len();
+    }
+}
+
 /// Byte offsets of a request segment's parts.
 struct Layout {
     key: usize,
@@ -554,14 +567,7 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
             run_images: 0,
             cpu_fallback: 0,
         });
-        let k = base.add(layout.key);
-        std::ptr::copy_nonoverlapping(name.as_ptr(), k, name.len());
-        std::ptr::copy_nonoverlapping(path.as_ptr(), k.add(name.len()), path.len());
-        std::ptr::copy_nonoverlapping(
-            version.as_ptr(),
-            k.add(name.len() + path.len()),
-            version.len(),
-        );
+        write_strs(base.add(layout.key), &[name, path, version]);
         std::ptr::copy_nonoverlapping(
             batch.as_ptr(),
             base.add(layout.input).cast::<f32>(),
@@ -1002,14 +1008,7 @@ impl Request {
                 let room = MESSAGE_ROOM - kind.len();
                 let message = truncate(e.message.as_bytes(), room);
                 let hint = truncate(hint, room - message.len());
-                let m = self.base.add(self.layout.message);
-                std::ptr::copy_nonoverlapping(kind.as_ptr(), m, kind.len());
-                std::ptr::copy_nonoverlapping(message.as_ptr(), m.add(kind.len()), message.len());
-                std::ptr::copy_nonoverlapping(
-                    hint.as_ptr(),
-                    m.add(kind.len() + message.len()),
-                    hint.len(),
-                );
+                write_strs(self.base.add(self.layout.message), &[kind, message, hint]);
                 h.kind_len = kind.len() as u32;
                 h.message_len = message.len() as u32;
                 h.hint_len = hint.len() as u32;

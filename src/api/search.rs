@@ -102,19 +102,10 @@ pub fn lock_for_reading(relid: pg_sys::Oid) {
 }
 
 fn watched(relid: pg_sys::Oid) -> Watched {
-    batch::load_watched(Some(relid))
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| {
-            fail(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!(
-                    "relation with OID {} is not watched by doppler",
-                    relid.to_u32()
-                ),
-                "doppler.similar and doppler.duplicates work on watched tables (doppler.watch).",
-            )
-        })
+    batch::watched_or_raise(
+        relid,
+        "doppler.similar and doppler.duplicates work on watched tables (doppler.watch).",
+    )
 }
 
 /// The source as the search functions show it, over alias `t`: the path, or the size of the

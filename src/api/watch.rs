@@ -681,17 +681,7 @@ fn _fill_batch(
         name!(seconds, f64),
     ),
 > {
-    owned_table(relid);
-    let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
-        fail(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!(
-                "relation with OID {} is not watched by doppler",
-                relid.to_u32()
-            ),
-            "Call doppler.watch() first.",
-        )
-    };
+    let w = owned_watched(relid);
     let limit = max_rows.map(|m| m as i64).unwrap_or(w.batch_size as i64);
     let r = if limit <= 0 {
         batch::BatchReport::default()
@@ -713,18 +703,15 @@ fn _fill_batch(
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn _fill_wait(relid: pg_sys::Oid) -> bool {
-    owned_table(relid);
-    if batch::load_watched(Some(relid)).is_empty() {
-        fail(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!(
-                "relation with OID {} is not watched by doppler",
-                relid.to_u32()
-            ),
-            "Call doppler.watch() first.",
-        )
-    }
+    owned_watched(relid);
     batch::wait_for_holders(relid)
+}
+
+/// The watch of a table the caller owns (42501 otherwise), for fill's internal functions;
+/// 42704 when it is not watched.
+fn owned_watched(relid: pg_sys::Oid) -> batch::Watched {
+    owned_table(relid);
+    batch::watched_or_raise(relid, "Call doppler.watch() first.")
 }
 
 /// Wakes this database's doppler workers now instead of at their next nap. Returns how many.

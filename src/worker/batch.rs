@@ -74,6 +74,23 @@ const WATCHED_SQL: &str = "
     LEFT JOIN pg_catalog.pg_type vt ON vt.oid OPERATOR(pg_catalog.=) va.atttypid
     LEFT JOIN pg_catalog.pg_namespace vn ON vn.oid OPERATOR(pg_catalog.=) vt.typnamespace";
 
+/// The watch of `relid`; an ERROR (42704, with `hint`) when the table is not watched.
+pub fn watched_or_raise(relid: pg_sys::Oid, hint: &str) -> Watched {
+    load_watched(Some(relid))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| {
+            crate::errors::raise_code(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!(
+                    "relation with OID {} is not watched by doppler",
+                    relid.to_u32()
+                ),
+                hint,
+            )
+        })
+}
+
 /// Every watched table (by priority), or the one given. Read as the extension owner: the
 /// catalog is visible to each role only for its own tables, and the sync trigger runs as
 /// whoever writes the table.
