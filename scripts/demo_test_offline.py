@@ -212,6 +212,59 @@ def test_rerun_and_name_clashes(tmp_path: Path) -> None:
     assert sum(n.endswith("_photo_01.jpg") for n in names) == 1
 
 
+class Scripted:
+    """Answers check_copies' searches with the hits scripted for each copy (key, source, distance)."""
+
+    def __init__(self, hits: dict[str, list[tuple[str, str, float]]]) -> None:
+        self.hits = hits
+
+    def execute(self, sql: str, params: list[Any] | None = None) -> Result:
+        assert "doppler.similar('image_lookup', %s, k => 4)" in sql, sql
+        return Result(self.hits[params[0]])
+
+
+def verdict(capsys: pytest.CaptureFixture[str], nearest: float, other: float, nearest_is_original: bool = True) -> bool:
+    """check_copies' PASS/FAIL for one copy whose nearest picture is at `nearest` (its original,
+    or a stranger) and whose nearest other picture is at `other`; the printed word agrees."""
+    original, copy, stranger, far = (Path(f"/w/{n}") for n in ("cat.png", "cat__resized.jpg", "dog.png", "owl.png"))
+    ids = {original: "1", copy: "2", stranger: "3", far: "4"}
+    first, second = (original, stranger) if nearest_is_original else (stranger, original)
+    hits = [("2", str(copy), 0.0), (ids[first], str(first), nearest), (ids[second], str(second), other),
+            ("4", str(far), other + 1.0)]
+    capsys.readouterr()
+    passed, total = demo.check_copies(Scripted({str(copy): hits}), {copy: original}, ids)
+    line = capsys.readouterr().out
+    assert total == 1 and passed in (0, 1)
+    assert line.split()[0] == ("PASS" if passed else "FAIL"), line
+    return bool(passed)
+
+
+# The margin, pinned: a copy passes when its original is at most 0.75 times as far as the nearest
+# other picture (ratios are exact in binary at these distances: 0.75, 1.5 / 2, 3 / 4). The
+# literal is deliberate: another MARGIN, or < for <=, or a difference for the ratio, fails here.
+@pytest.mark.parametrize("nearest, other, ok", [
+    (0.75, 1.0, True),  # at the margin: passes (<=)
+    (0.75 - 1e-6, 1.0, True),  # just below
+    (0.75 + 1e-6, 1.0, False),  # just above
+    (1.5, 2.0, True),  # the same ratio at another scale: a ratio, not a difference
+    (1.5 - 1e-6, 2.0, True),
+    (1.5 + 1e-6, 2.0, False),
+    (3.0, 4.0, True),
+    (3.0 + 1e-6, 4.0, False),
+    (0.5, 1.0, True),
+    (0.8, 1.0, False),
+    (0.0, 1e-3, True),  # dedup: the copy shares its original's vector
+    (0.0, 0.0, False),  # every picture at 0 (a constant model): no margin at all
+])
+def test_the_margin_of_the_check(capsys: pytest.CaptureFixture[str], nearest: float, other: float, ok: bool) -> None:
+    assert verdict(capsys, nearest, other) is ok
+
+
+def test_a_stranger_nearest_fails_whatever_the_margin(capsys: pytest.CaptureFixture[str]) -> None:
+    assert verdict(capsys, 0.1, 1.0, nearest_is_original=True)
+    assert not verdict(capsys, 0.1, 1.0, nearest_is_original=False)
+
+
 def test_grid_order_is_a_permutation() -> None:
     xy = np.random.default_rng(1).normal(size=(23, 2))
     order, side = demo.grid_order(xy)

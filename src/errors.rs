@@ -1,9 +1,22 @@
-//! The boundary: a doppler-core error becomes a Postgres ERROR with a fitting SQLSTATE.
+//! The one way doppler raises an ERROR: [`raise`], with a SQLSTATE that fits the condition, a
+//! message and an optional hint. Everything else goes through it:
+//! * a doppler-core [`Error`] takes the SQLSTATE of its kind ([`sqlstate`], [`raise_error`],
+//!   [`OrRaise`] on a core `Result`);
+//! * an SPI call that fails without an ERROR of its own (pgrx returns those as `spi::Error`: a
+//!   value of an unexpected type, a statement doppler built wrongly) is raised with
+//!   [`SpiOrRaise::or_raise`] and a word on what doppler was doing; a value of another type is
+//!   42804 (a column whose type changed under a watch), the rest XX000 (doppler's own fault).
+//!
+//! [`in_subtransaction`] turns an ERROR back into a value where one row's or one table's failure
+//! must not end the statement (a row's write, a table's count).
 
 use doppler_core::{Error, ErrorKind};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
+pub use pgrx::PgSqlErrorCode as Code;
+
+/// The SQLSTATE of a doppler-core error kind.
 pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
     use PgSqlErrorCode::*;
     match kind {
@@ -23,14 +36,19 @@ pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
     }
 }
 
-/// Raises `e` as an ERROR. Does not return.
-pub fn raise(e: Error) -> ! {
-    let mut report = ErrorReport::new(sqlstate(e.kind), e.message, "doppler");
-    if let Some(h) = e.hint {
-        report = report.set_hint(h);
+/// Raises an ERROR with a SQLSTATE, message and (if not empty) hint. Does not return.
+pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: &str) -> ! {
+    let mut report = ErrorReport::new(code, message.into(), "doppler");
+    if !hint.is_empty() {
+        report = report.set_hint(hint);
     }
     report.report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
+}
+
+/// Raises a doppler-core error with its kind's SQLSTATE. Does not return.
+pub fn raise_error(e: Error) -> ! {
+    raise(sqlstate(e.kind), e.message, e.hint.as_deref().unwrap_or(""))
 }
 
 /// Unwraps a doppler-core result or raises it as an ERROR.
@@ -40,18 +58,39 @@ pub trait OrRaise<T> {
 
 impl<T> OrRaise<T> for doppler_core::Result<T> {
     fn or_raise(self) -> T {
-        self.unwrap_or_else(|e| raise(e))
+        self.unwrap_or_else(|e| raise_error(e))
     }
 }
 
-/// Raises an ERROR with a SQLSTATE, message and (if not empty) hint. Does not return.
-pub fn raise_code(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    let mut report = ErrorReport::new(code, message, "doppler");
-    if !hint.is_empty() {
-        report = report.set_hint(hint);
+/// Unwraps an SPI result or raises it, saying what doppler was doing (`"could not claim rows of
+/// \"s\".\"t\""`). A statement's own ERROR never gets here (it is raised as it came); these are
+/// values of an unexpected type and statements doppler got wrong.
+pub trait SpiOrRaise<T> {
+    fn or_raise(self, doing: impl FnOnce() -> String) -> T;
+}
+
+impl<T> SpiOrRaise<T> for Result<T, pgrx::spi::Error> {
+    fn or_raise(self, doing: impl FnOnce() -> String) -> T {
+        self.unwrap_or_else(|e| {
+            let code = spi_sqlstate(&e);
+            let hint = if code == PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH {
+                "A column doppler uses changed its type after doppler.watch(): watch the table again."
+            } else {
+                ""
+            };
+            raise(code, format!("doppler: {}: {e}", doing()), hint)
+        })
     }
-    report.report(PgLogLevel::ERROR);
-    unreachable!("ERROR does not return")
+}
+
+/// The SQLSTATE of an SPI error that is not a statement's own ERROR.
+fn spi_sqlstate(e: &pgrx::spi::Error) -> PgSqlErrorCode {
+    use pgrx::spi::Error as E;
+    match e {
+        // a value is not of the type doppler read it as: the column's type changed
+        E::DatumError(_) => PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+        _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+    }
 }
 
 /// Runs `f` in an internal subtransaction: an ERROR inside is rolled back (with whatever `f`
@@ -104,4 +143,11 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode,
         Err((code, msg))
     })
     .execute()
+}
+
+/// Postgres packs the five SQLSTATE characters six bits each.
+pub fn unpack_sqlstate(code: i32) -> String {
+    (0..5)
+        .map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char)
+        .collect()
 }

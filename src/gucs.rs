@@ -227,52 +227,8 @@ pub fn init_worker_gucs() {
             GucFlags::SUPERUSER_ONLY,
         );
     }
-    GucRegistry::define_enum_guc(
-        c"doppler.inference",
-        c"Where models run: service (one set of sessions for the whole server, in doppler's inference service) or backend (a session in each connection).",
-        c"service needs doppler in shared_preload_libraries; without it every connection runs its own session, as backend does. doppler.session_info() says which applies.",
-        &INFERENCE,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"doppler.batch_window_ms",
-        c"How long the inference service waits for more callers' images before a model run, when callers arrive together; 0: never waits.",
-        c"A lone caller never waits: the window opens only when the last run or the queue held several callers.",
-        &BATCH_WINDOW_MS,
-        0,
-        1000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"doppler.service_intra_op_threads",
-        c"ONNX Runtime threads of the inference service's sessions; 0 uses every core.",
-        c"",
-        &SERVICE_INTRA_OP_THREADS,
-        0,
-        256,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"doppler.service_max_sessions",
-        c"Model sessions the inference service keeps for the whole server (one per model, version and provider in use); the least recently used is dropped first.",
-        c"Loading a model stalls every caller while it loads: keep this at least the number of models in use across databases.",
-        &SERVICE_MAX_SESSIONS,
-        1,
-        64,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_bool_guc(
-        c"doppler.service_intra_op_spinning",
-        c"Whether the ONNX Runtime threads of the inference service's sessions spin while they wait for work.",
-        c"Off: the callers decode their images on the same cores.",
-        &SERVICE_INTRA_OP_SPINNING,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    init_service_gucs();
+    init_source_gucs();
     GucRegistry::define_int_guc(
         c"doppler.worker_naptime",
         c"How long an idle doppler worker sleeps before looking for work again.",
@@ -360,6 +316,88 @@ pub fn init_worker_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"doppler.skip_hashes",
+        c"Comma-separated hash values that mark rows without a usable image; with dedup they are skipped, not inferred.",
+        c"The seed's skip list: NOHASH, 0000000000000000 (a flat image) and nan.",
+        &SKIP_HASHES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.status_exact_rows",
+        c"doppler.status counts tables up to this many rows exactly; larger ones from the planner's estimates and the pending index.",
+        c"Exact counts scan the whole table. -1: always exact (SET doppler.status_exact_rows = -1 for one exact look).",
+        &STATUS_EXACT_ROWS,
+        -1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.retry_backoff",
+        c"Delay before a failed row is tried again; it doubles with every attempt.",
+        c"",
+        &RETRY_BACKOFF,
+        0,
+        86_400 * 30,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+}
+
+/// Settings of the inference service.
+fn init_service_gucs() {
+    GucRegistry::define_enum_guc(
+        c"doppler.inference",
+        c"Where models run: service (one set of sessions for the whole server, in doppler's inference service) or backend (a session in each connection).",
+        c"service needs doppler in shared_preload_libraries; without it every connection runs its own session, as backend does. doppler.session_info() says which applies.",
+        &INFERENCE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.batch_window_ms",
+        c"How long the inference service waits for more callers' images before a model run, when callers arrive together; 0: never waits.",
+        c"A lone caller never waits: the window opens only when the last run or the queue held several callers.",
+        &BATCH_WINDOW_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.service_intra_op_threads",
+        c"ONNX Runtime threads of the inference service's sessions; 0 uses every core.",
+        c"",
+        &SERVICE_INTRA_OP_THREADS,
+        0,
+        256,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.service_max_sessions",
+        c"Model sessions the inference service keeps for the whole server (one per model, version and provider in use); the least recently used is dropped first.",
+        c"Loading a model stalls every caller while it loads: keep this at least the number of models in use across databases.",
+        &SERVICE_MAX_SESSIONS,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"doppler.service_intra_op_spinning",
+        c"Whether the ONNX Runtime threads of the inference service's sessions spin while they wait for work.",
+        c"Off: the callers decode their images on the same cores.",
+        &SERVICE_INTRA_OP_SPINNING,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// Settings of the sources doppler reads: server files and URLs.
+fn init_source_gucs() {
+    GucRegistry::define_string_guc(
         c"doppler.file_roots",
         c"Comma-separated folders that image files must resolve into (after symlinks and ..); empty allows any file.",
         c"Applies to extract_features(path), dhash(path), similar(path), the worker, fill and triggers.",
@@ -420,34 +458,6 @@ pub fn init_worker_gucs() {
         20,
         GucContext::Suset,
         GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"doppler.skip_hashes",
-        c"Comma-separated hash values that mark rows without a usable image; with dedup they are skipped, not inferred.",
-        c"The seed's skip list: NOHASH, 0000000000000000 (a flat image) and nan.",
-        &SKIP_HASHES,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"doppler.status_exact_rows",
-        c"doppler.status counts tables up to this many rows exactly; larger ones from the planner's estimates and the pending index.",
-        c"Exact counts scan the whole table. -1: always exact (SET doppler.status_exact_rows = -1 for one exact look).",
-        &STATUS_EXACT_ROWS,
-        -1,
-        i32::MAX,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"doppler.retry_backoff",
-        c"Delay before a failed row is tried again; it doubles with every attempt.",
-        c"",
-        &RETRY_BACKOFF,
-        0,
-        86_400 * 30,
-        GucContext::Suset,
-        GucFlags::UNIT_S,
     );
 }
 

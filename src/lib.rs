@@ -9,11 +9,15 @@ use pgrx::prelude::*;
 pub mod api;
 pub mod dirs;
 pub mod errors;
+pub mod fill;
 pub mod gucs;
 pub mod privileged;
 pub mod service;
 pub mod session;
+pub mod sources;
 pub mod triggers;
+pub mod watch;
+pub mod watched;
 pub mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]

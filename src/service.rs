@@ -54,7 +54,16 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 
 use crate::gucs;
-use crate::session::SessionInfo;
+
+/// One model session (this backend's or the inference service's), described without creating any.
+pub struct SessionInfo {
+    pub model: String,
+    pub model_path: String,
+    pub provider: String,
+    pub input_size: i32,
+    pub dim: i32,
+    pub threads: i32,
+}
 
 /// The `backend_type` of the service in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "doppler inference service";
@@ -62,16 +71,61 @@ pub const BACKEND_TYPE: &str = "doppler inference service";
 /// How long a caller waits for a service that is not running (being restarted) before it gives up.
 pub const SERVICE_DOWN_GRACE: Duration = Duration::from_secs(30);
 
-const IDLE: u32 = 0;
-const QUEUED: u32 = 1;
-const RUNNING: u32 = 2;
-const DONE: u32 = 3;
-const ABANDONED: u32 = 4;
-/// The service restarted [`MAX_RESTARTS_PER_REQUEST`] times while running the request: the caller
-/// gets an error instead of a third try.
-const LOST: u32 = 5;
+/// Where a request is (module docs): a slot's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+enum State {
+    /// No request.
+    Idle = 0,
+    /// The caller published a request.
+    Queued = 1,
+    /// The service took it.
+    Running = 2,
+    /// The service answered it.
+    Done = 3,
+    /// The caller gave up while it ran: the service frees the slot when the run ends.
+    Abandoned = 4,
+    /// The service restarted [`MAX_RESTARTS_PER_REQUEST`] times while running the request: the
+    /// caller gets an error instead of a third try.
+    Lost = 5,
+}
 
-/// Service starts a RUNNING request survives before it is given up as [`LOST`].
+/// A slot's [`State`], changed by atomic operations only. Nothing else writes it, so it never
+/// holds another value.
+#[repr(transparent)]
+struct AtomicState(AtomicU32);
+
+impl AtomicState {
+    fn of(v: u32) -> State {
+        match v {
+            0 => State::Idle,
+            1 => State::Queued,
+            2 => State::Running,
+            3 => State::Done,
+            4 => State::Abandoned,
+            5 => State::Lost,
+            _ => unreachable!("a slot's state is written only as a State"),
+        }
+    }
+
+    fn load(&self) -> State {
+        Self::of(self.0.load(Ordering::Acquire))
+    }
+
+    fn store(&self, to: State) {
+        self.0.store(to as u32, Ordering::Release)
+    }
+
+    /// `from` → `to` if the state is `from`; the state found otherwise.
+    fn cas(&self, from: State, to: State) -> Result<State, State> {
+        self.0
+            .compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Acquire)
+            .map(Self::of)
+            .map_err(Self::of)
+    }
+}
+
+/// Service starts a RUNNING request survives before it is given up as [`State::Lost`].
 const MAX_RESTARTS_PER_REQUEST: u32 = 2;
 
 const MAGIC: u64 = 0x646f_7070_6c65_7231; // "doppler1"
@@ -83,7 +137,7 @@ const PUBLISHED: usize = 8;
 /// A caller's request, one per PGPROC.
 #[repr(C)]
 struct Slot {
-    state: AtomicU32,
+    state: AtomicState,
     handle: AtomicU32,
     request: AtomicU64,
     /// Services that started while this request was RUNNING (it is queued again each time).
@@ -408,11 +462,13 @@ fn provider_code(p: Provider) -> u32 {
     }
 }
 
-fn provider_of(code: u32) -> Provider {
+/// The provider of a code [`provider_code`] wrote; None for any other (not a request).
+fn provider_of(code: u32) -> Option<Provider> {
     match code {
-        1 => Provider::Cuda,
-        2 => Provider::Auto,
-        _ => Provider::Cpu,
+        0 => Some(Provider::Cpu),
+        1 => Some(Provider::Cuda),
+        2 => Some(Provider::Auto),
+        _ => None,
     }
 }
 
@@ -420,17 +476,13 @@ fn provider_of(code: u32) -> Provider {
 /// callback): atomics only.
 fn abandon(slot: &Slot) {
     loop {
-        let s = slot.state.load(Ordering::Acquire);
+        let s = slot.state.load();
         let next = match s {
-            QUEUED | DONE | LOST => IDLE,
-            RUNNING => ABANDONED,
+            State::Queued | State::Done | State::Lost => State::Idle,
+            State::Running => State::Abandoned,
             _ => return,
         };
-        if slot
-            .state
-            .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if slot.state.cas(s, next).is_ok() {
             return;
         }
     }
@@ -516,16 +568,14 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
     // service to free it.
     let mut waited = Instant::now();
     loop {
-        match slot.state.load(Ordering::Acquire) {
-            IDLE => break,
-            ABANDONED => {}
+        match slot.state.load() {
+            State::Idle => break,
+            State::Abandoned => {}
             _ => abandon(slot),
         }
         if s.service_pid.load(Ordering::Acquire) == 0 && waited.elapsed() > SERVICE_DOWN_GRACE {
             // nobody will finish it: no service is running
-            let _ =
-                slot.state
-                    .compare_exchange(ABANDONED, IDLE, Ordering::AcqRel, Ordering::Acquire);
+            let _ = slot.state.cas(State::Abandoned, State::Idle);
             waited = Instant::now();
             continue;
         }
@@ -583,16 +633,16 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
         slot,
         answered: false,
     };
-    slot.state.store(QUEUED, Ordering::Release);
+    slot.state.store(State::Queued);
     // the store above before the load of the service's latch (a service starting now either sees
     // QUEUED in its first scan, or has published its latch for us to set)
     std::sync::atomic::fence(Ordering::SeqCst);
     wake_service(s);
     let mut down_since: Option<Instant> = None;
     loop {
-        match slot.state.load(Ordering::Acquire) {
-            DONE => break,
-            LOST => {
+        match slot.state.load() {
+            State::Done => break,
+            State::Lost => {
                 drop(pending);
                 unsafe { pg_sys::dsm_detach(seg) };
                 let e = Error::new(
@@ -607,7 +657,7 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
                 });
             }
             // insurance against a wake-up lost to a service that was starting
-            QUEUED => wake_service(s),
+            State::Queued => wake_service(s),
             _ => {}
         }
         if s.service_pid.load(Ordering::Acquire) == 0 {
@@ -650,7 +700,7 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
         }
     };
     pending.answered = true;
-    slot.state.store(IDLE, Ordering::Release);
+    slot.state.store(State::Idle);
     unsafe { pg_sys::dsm_detach(seg) };
     answer
 }
@@ -727,6 +777,50 @@ pub fn sessions() -> (Vec<SessionInfo>, i64) {
     }
 }
 
+/// The service's sessions a caller of this database may see, with how many it created: those of
+/// this database's models, under the names they have here (the service serves every database);
+/// superusers see them all.
+pub fn visible_sessions() -> (Vec<SessionInfo>, i64) {
+    let (list, created) = sessions();
+    let mine = this_databases_models();
+    // SAFETY: a catalog lookup on the current user, in a transaction.
+    let superuser = unsafe { pg_sys::superuser() };
+    let list = list
+        .into_iter()
+        .filter_map(|mut s| {
+            match mine.iter().find(|(_, path)| *path == s.model_path) {
+                Some((name, _)) => s.model.clone_from(name),
+                None if superuser => {}
+                None => return None,
+            }
+            Some(s)
+        })
+        .collect();
+    (list, created)
+}
+
+/// (name, resolved file) of each doppler.models entry of this database.
+fn this_databases_models() -> Vec<(String, String)> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT m.name, m.onnx_path FROM doppler.models m",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let name = r.get::<String>(1)?.unwrap_or_default();
+            let path = r
+                .get::<String>(2)?
+                .map(|p| crate::dirs::expand(&p))
+                .unwrap_or_else(crate::gucs::model_path);
+            out.push((name, path));
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_default()
+}
+
 /// The service's state and counters (`doppler.service_status()`).
 pub struct Status {
     pub pid: Option<i32>,
@@ -756,14 +850,14 @@ pub fn status() -> Option<Status> {
         runs: n(&s.runs),
         largest_run: n(&s.largest_run),
         failed: n(&s.failed),
-        queued: count_in(s, QUEUED),
-        running: count_in(s, RUNNING) + count_in(s, ABANDONED),
+        queued: count_in(s, State::Queued),
+        running: count_in(s, State::Running) + count_in(s, State::Abandoned),
     })
 }
 
-fn count_in(s: &Shared, state: u32) -> i64 {
+fn count_in(s: &Shared, state: State) -> i64 {
     (0..s.nslots as usize)
-        .filter(|&i| slot(i).state.load(Ordering::Relaxed) == state)
+        .filter(|&i| slot(i).state.load() == state)
         .count() as i64
 }
 
@@ -794,20 +888,16 @@ pub extern "C-unwind" fn doppler_service_main(_arg: pg_sys::Datum) {
     // while running it (an ERROR it causes, e.g.); slots given up during them are free.
     for i in 0..s.nslots as usize {
         let slot = slot(i);
-        if slot.state.load(Ordering::Acquire) == RUNNING {
+        if slot.state.load() == State::Running {
             let next =
                 if slot.restarts.fetch_add(1, Ordering::AcqRel) + 1 > MAX_RESTARTS_PER_REQUEST {
-                    LOST
+                    State::Lost
                 } else {
-                    QUEUED
+                    State::Queued
                 };
-            let _ = slot
-                .state
-                .compare_exchange(RUNNING, next, Ordering::AcqRel, Ordering::Acquire);
+            let _ = slot.state.cas(State::Running, next);
         }
-        let _ = slot
-            .state
-            .compare_exchange(ABANDONED, IDLE, Ordering::AcqRel, Ordering::Acquire);
+        let _ = slot.state.cas(State::Abandoned, State::Idle);
     }
     s.seq.fetch_add(1, Ordering::AcqRel);
     s.nsessions.store(0, Ordering::Release);
@@ -831,7 +921,7 @@ pub extern "C-unwind" fn doppler_service_main(_arg: pg_sys::Datum) {
     // Wake every caller: those that wait for a slot to be freed, and those that counted the
     // seconds without a service.
     for i in 0..s.nslots as usize {
-        if slot(i).state.load(Ordering::Acquire) != IDLE {
+        if slot(i).state.load() != State::Idle {
             set_latch_of(i);
         }
     }
@@ -898,12 +988,7 @@ fn service_wait(timeout: Option<Duration>) {
 /// The slots that are queued, now RUNNING.
 fn take_queued(s: &Shared) -> Vec<usize> {
     (0..s.nslots as usize)
-        .filter(|&i| {
-            slot(i)
-                .state
-                .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        })
+        .filter(|&i| slot(i).state.cas(State::Queued, State::Running).is_ok())
         .collect()
 }
 
@@ -940,7 +1025,10 @@ impl Request {
             let len = pg_sys::dsm_segment_map_length(seg);
             let fits = len >= size_of::<Header>() && {
                 let h = &*base.cast::<Header>();
-                h.magic == MAGIC && h.request == request && h.layout().total <= len
+                h.magic == MAGIC
+                    && h.request == request
+                    && h.layout().total <= len
+                    && provider_of(h.provider).is_some()
             };
             if !fits {
                 pg_sys::dsm_detach(seg);
@@ -956,7 +1044,7 @@ impl Request {
                 version: read_str(k, h.name_len as usize + h.path_len as usize, h.version_len),
                 input_size: h.input_size,
                 dim: h.dim,
-                provider: provider_of(h.provider),
+                provider: provider_of(h.provider).expect("checked above"),
                 device_id: h.device_id,
             };
             Some(Request {
@@ -1062,26 +1150,20 @@ fn attach_or_lose(procno: usize) -> Option<Request> {
 /// Ends a RUNNING request that cannot be run: LOST for a caller that waits (it gets an error),
 /// IDLE for one that gave up; wakes whoever owns the slot now.
 fn lose(procno: usize) {
-    end(procno, LOST);
+    end(procno, State::Lost);
 }
 
 /// Ends a RUNNING request: DONE for a caller that waits, IDLE for one that gave up; wakes
 /// whoever owns the slot now.
 fn finish(procno: usize) {
-    end(procno, DONE);
+    end(procno, State::Done);
 }
 
 /// RUNNING → `to`, or ABANDONED → IDLE; then wakes the slot's owner.
-fn end(procno: usize, to: u32) {
+fn end(procno: usize, to: State) {
     let slot = slot(procno);
-    if slot
-        .state
-        .compare_exchange(RUNNING, to, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        let _ = slot
-            .state
-            .compare_exchange(ABANDONED, IDLE, Ordering::AcqRel, Ordering::Acquire);
+    if slot.state.cas(State::Running, to).is_err() {
+        let _ = slot.state.cas(State::Abandoned, State::Idle);
     }
     set_latch_of(procno);
 }
@@ -1154,7 +1236,7 @@ impl Service {
                             .iter()
                             .copied()
                             .filter(|&(r, _)| {
-                                slot(group[r].procno).state.load(Ordering::Acquire) != ABANDONED
+                                slot(group[r].procno).state.load() != State::Abandoned
                             })
                             .collect();
                         if run.is_empty() {

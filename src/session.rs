@@ -14,9 +14,9 @@ use std::cell::{Cell, RefCell};
 use doppler_core::{model, Error, ErrorKind, Filter, Model, Preprocess, SessionConfig};
 use pgrx::prelude::*;
 
-use crate::errors::{raise, OrRaise};
+use crate::errors::{raise, raise_error, Code, OrRaise, SpiOrRaise};
 use crate::gucs;
-use crate::service;
+use crate::service::{self, SessionInfo};
 
 /// A `doppler.models` entry, with its file resolved (`resnet50`'s is `doppler.model_path`;
 /// `$sharedir` expanded, see [`crate::dirs`]).
@@ -75,10 +75,10 @@ pub fn spec(name: Option<&str>) -> ModelSpec {
             r.get::<String>(8)?.unwrap_or_default(),
         )))
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler: could not read doppler.models: {e}"));
+    .or_raise(|| "could not read doppler.models".into());
     let Some((path, size, resize, divisor, mean, std, dim, version)) = row else {
-        crate::errors::raise_code(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        raise(
+            Code::ERRCODE_UNDEFINED_OBJECT,
             format!("model \"{name}\" is not registered"),
             "See SELECT name FROM doppler.models; register one with doppler.register_model().",
         )
@@ -90,10 +90,15 @@ pub fn spec(name: Option<&str>) -> ModelSpec {
             .map(|p| crate::dirs::expand(&p))
             .unwrap_or_else(gucs::model_path),
         input_size: size as u32,
-        filter: if resize == "lanczos" {
-            Filter::Lanczos
-        } else {
-            Filter::Bilinear
+        filter: match resize.as_str() {
+            "bilinear" => Filter::Bilinear,
+            "lanczos" => Filter::Lanczos,
+            // doppler.models' CHECK constraint allows no other word
+            other => raise(
+                Code::ERRCODE_DATA_CORRUPTED,
+                format!("doppler.models has resize \"{other}\" for model \"{name}\""),
+                "doppler.models' CHECK constraint allows bilinear or lanczos: was it altered?",
+            ),
         },
         divisor,
         mean: three(&mean),
@@ -192,7 +197,7 @@ impl Runner<'_> {
                                 | ErrorKind::ServiceUnavailable
                         ) =>
                 {
-                    raise(f.error)
+                    raise_error(f.error)
                 }
                 Err(f) => Err(f.error),
             },
@@ -260,7 +265,7 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Runner, &Preprocess) 
         cache[0].name.clone_from(&spec.name);
         let model = &mut cache[0].model;
         if model.dim != spec.dim {
-            raise(
+            raise_error(
                 Error::new(
                     ErrorKind::BadModel,
                     format!(
@@ -281,7 +286,7 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Runner, &Preprocess) 
 /// could never load.
 pub fn check_file(spec: &ModelSpec) {
     if spec.path.is_empty() {
-        raise(
+        raise_error(
             Error::new(
                 ErrorKind::Config,
                 format!("model \"{}\" has no file: doppler.model_path is not set", spec.name),
@@ -309,7 +314,7 @@ pub fn check_file(spec: &ModelSpec) {
                 )
             },
         );
-        raise(err);
+        raise_error(err);
     }
 }
 
@@ -334,16 +339,6 @@ pub fn sessions_created() -> i64 {
     SESSIONS_CREATED.with(|c| c.get())
 }
 
-/// One session (this backend's or the inference service's), described without creating any.
-pub struct SessionInfo {
-    pub model: String,
-    pub model_path: String,
-    pub provider: String,
-    pub input_size: i32,
-    pub dim: i32,
-    pub threads: i32,
-}
-
 /// The cached sessions, most recently used first.
 pub fn current() -> Vec<SessionInfo> {
     SESSIONS.with(|cell| {
@@ -358,5 +353,14 @@ pub fn current() -> Vec<SessionInfo> {
                 threads: c.model.config.intra_op_threads as i32,
             })
             .collect()
+    })
+}
+
+/// The features of one image: prepared on this backend's thread, one model run.
+pub fn features_of(spec: &ModelSpec, bytes: &[u8], what: &str) -> Vec<f32> {
+    with_model(spec, |runner, pre| {
+        let mut slot = vec![0f32; pre.slot_len()];
+        doppler_core::prepare(bytes, what, &gucs::limits(), pre, &mut slot).or_raise();
+        runner.run(&slot, 1).or_raise()
     })
 }

@@ -522,6 +522,66 @@ mod tests {
         );
     }
 
+    /// The closed sets of a watch read back from their words, and an unknown word is 22023
+    /// naming the words allowed (never a default).
+    #[pg_test]
+    fn closed_sets_read_back_and_refuse_unknown_words() {
+        use crate::watched::{Mode, OnError, SourceKind, VectorKind};
+        for m in Mode::ALL {
+            assert_eq!(Mode::parse(m.as_str()), Some(*m));
+        }
+        for o in OnError::ALL {
+            assert_eq!(OnError::parse(o.as_str()), Some(*o));
+        }
+        for k in SourceKind::ALL {
+            assert_eq!(SourceKind::parse(k.as_str()), Some(*k));
+        }
+        for k in VectorKind::ALL {
+            assert_eq!(VectorKind::parse(k.as_str()), Some(*k));
+        }
+        assert_eq!(Mode::parse("Async"), None);
+        assert_eq!(crate::watched::kinds::one_of(&["a", "b", "c"]), "a, b or c");
+        Spi::run("CREATE TABLE closed_sets (id int PRIMARY KEY, img bytea, features real[])")
+            .unwrap();
+        assert_error(
+            "SELECT doppler.watch('closed_sets', 'img', mode => 'Async')",
+            "22023",
+            "mode must be async, sync or manual, not \"Async\"",
+        );
+        assert_error(
+            "SELECT doppler.watch('closed_sets', 'img', on_error => 'ignore')",
+            "22023",
+            "on_error must be raise or defer",
+        );
+        Spi::run("SELECT doppler.watch('closed_sets', 'img', mode => 'manual')").unwrap();
+        assert_error(
+            "SELECT doppler.similar('closed_sets', ARRAY[1,2]::real[], 1, 'manhattan')",
+            "22023",
+            "metric must be l2, cosine or hamming",
+        );
+        assert_error(
+            "SELECT doppler.similar('closed_sets', ARRAY[1,2]::real[], 1, 'hamming')",
+            "22023",
+            "similar orders by l2 or cosine",
+        );
+    }
+
+    /// A watched column whose type changed under the watch is a clear 42804 with a hint, not an
+    /// internal error: the claim reads the source as the type the watch recorded.
+    #[pg_test]
+    fn a_retyped_column_is_a_datatype_mismatch() {
+        Spi::run("CREATE TABLE retyped (id int PRIMARY KEY, pic bytea, features real[])").unwrap();
+        Spi::run("SELECT doppler.watch('retyped', 'pic', mode => 'manual')").unwrap();
+        Spi::run("ALTER TABLE retyped ALTER COLUMN pic TYPE text USING encode(pic, 'base64')")
+            .unwrap();
+        Spi::run("INSERT INTO retyped VALUES (1, 'aGVsbG8=')").unwrap();
+        assert_error(
+            "SELECT * FROM doppler._fill_batch('retyped'::regclass::oid, NULL)",
+            "42804",
+            "could not claim rows of",
+        );
+    }
+
     fn crc32(data: &[u8]) -> u32 {
         let mut c = 0xFFFF_FFFFu32;
         for &b in data {

@@ -24,9 +24,11 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
-use crate::api::watch::{wake_pids, worker_pids};
+use crate::errors::{raise, Code, SpiOrRaise};
+use crate::fill::{self, Via};
 use crate::privileged::{as_catalog, as_owner, extension_owner};
-use crate::worker::batch::{self, Via, Watched};
+use crate::watched::{self, installed::Installed, Mode, OnError, Wait, Watched, HELD};
+use crate::worker::{wake_pids, worker_pids};
 
 const NAMES: [&str; 5] = [
     "doppler_truncate",
@@ -57,10 +59,10 @@ pub fn drop_all(table: &str) {
         .map(|r| r.get::<String>(1).map(|n| n.unwrap_or_default()))
         .collect::<Result<Vec<_>, _>>()
     })
-    .unwrap_or_else(|e| pgrx::error!("could not list the triggers of {table}: {e}"));
+    .or_raise(|| format!("could not list the triggers of {table}"));
     for t in existing {
         Spi::run(&format!("DROP TRIGGER {t} ON {table}"))
-            .unwrap_or_else(|e| pgrx::error!("could not drop trigger {t} on {table}: {e}"));
+            .or_raise(|| format!("could not drop trigger {t} on {table}"));
     }
 }
 
@@ -83,7 +85,7 @@ pub fn replace(w: &Watched) {
             .filter(|k| *k != src),
     );
     let columns = columns.join(", ");
-    if w.mode == "async" || w.mode == "sync" {
+    if matches!(w.mode, Mode::Async | Mode::Sync) {
         // a changed source clears the derived columns (and a held row's mark: it is tried
         // afresh); so does a changed key of a held row, whose failure record names the old key
         // (keys compared as the text a failure record holds: no operator is looked up)
@@ -95,18 +97,18 @@ pub fn replace(w: &Watched) {
              EXECUTE FUNCTION doppler._clear_stale({})",
             compat_args(w),
             mc = quote_identifier(&w.model_column),
-            held = pgrx::spi::quote_literal(batch::HELD),
-            old_key = w.key_expr_over("OLD"),
-            new_key = w.key_expr_over("NEW"),
+            held = pgrx::spi::quote_literal(HELD),
+            old_key = w.key_over("OLD"),
+            new_key = w.key_over("NEW"),
         ));
     }
-    if w.mode == "async" {
+    if w.mode == Mode::Async {
         ddl.push(format!(
             "CREATE TRIGGER doppler_wake AFTER INSERT OR UPDATE OF {columns} ON {table}
              FOR EACH STATEMENT EXECUTE FUNCTION doppler._wake_trigger()"
         ));
     }
-    if w.mode == "sync" {
+    if w.mode == Mode::Sync {
         ddl.push(format!(
             "CREATE TRIGGER doppler_sync_insert AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
              FOR EACH STATEMENT EXECUTE FUNCTION doppler._sync_trigger()"
@@ -117,8 +119,7 @@ pub fn replace(w: &Watched) {
         ));
     }
     for sql in ddl {
-        Spi::run(&sql)
-            .unwrap_or_else(|e| pgrx::error!("could not create doppler's trigger on {table}: {e}"));
+        Spi::run(&sql).or_raise(|| format!("could not create doppler's trigger on {table}"));
     }
 }
 
@@ -127,7 +128,7 @@ pub fn replace(w: &Watched) {
 /// `ALTER EXTENSION doppler UPDATE` not run yet), 0.1.0's PL/pgSQL function is the one that runs,
 /// and it takes the columns as arguments.
 fn compat_args(w: &Watched) -> String {
-    if crate::privileged::extension_version().as_deref() != Some("0.1.0") {
+    if !Installed::get().is_some_and(Installed::stale_trigger_takes_columns) {
         return String::new();
     }
     [
@@ -184,10 +185,10 @@ unsafe fn trigger_data(fcinfo: pg_sys::FunctionCallInfo, what: &str) -> *mut pg_
     unsafe {
         let ctx = (*fcinfo).context;
         if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            pgrx::ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                format!("{what} was not called by a trigger manager")
+            raise(
+                Code::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("{what} was not called by a trigger manager"),
+                "",
             );
         }
         ctx as *mut pg_sys::TriggerData
@@ -214,10 +215,10 @@ pub unsafe extern "C-unwind" fn doppler_clear_stale(
         if event & wanted != wanted
             || event & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_UPDATE
         {
-            pgrx::ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "doppler._clear_stale() must be fired BEFORE UPDATE FOR EACH ROW"
+            raise(
+                Code::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._clear_stale() must be fired BEFORE UPDATE FOR EACH ROW",
+                "",
             );
         }
         let rel = (*tg).tg_relation;
@@ -294,10 +295,10 @@ pub unsafe extern "C-unwind" fn doppler_on_rename(
     let (old, new) = unsafe {
         let ctx = (*fcinfo).context;
         if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
-            pgrx::ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
-                "doppler._on_rename() was not called by the event trigger manager"
+            raise(
+                Code::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._on_rename() was not called by the event trigger manager",
+                "",
             );
         }
         let tree = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
@@ -373,16 +374,17 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     if !has_rows || UNMARKING.with(|u| u.borrow().contains(&relid)) {
         return pg_sys::Datum::from(0usize);
     }
-    let Some(w) = batch::load_watched(Some(relid)).into_iter().next() else {
+    // the watch as it is now, the table locked as the statement that fired this has it
+    let Some(w) = watched::lock(relid, watched::FOR_WRITING, Wait::Wait) else {
         return pg_sys::Datum::from(0usize);
     };
-    if w.mode != "sync" {
+    if w.mode != Mode::Sync {
         return pg_sys::Datum::from(0usize);
     }
     // (not rows held back: the batch that marks a failed row writes it, and fires this again)
     let sql = format!(
         "SELECT {} FROM new_rows n WHERE n.{} IS NOT NULL AND n.{} IS NULL AND {}",
-        w.key_expr_over("n"),
+        w.key_over("n"),
         quote_identifier(&w.source_column),
         quote_identifier(&w.vector_column),
         w.unheld_over("n")
@@ -395,7 +397,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
                 .map(|r| r.get::<String>(1).map(|k| k.unwrap_or_default()))
                 .collect::<Result<Vec<_>, _>>()
         })
-        .unwrap_or_else(|e| pgrx::error!("doppler: could not read the new rows of {}: {e}", w.name))
+        .or_raise(|| format!("could not read the new rows of {}", w.name))
     });
     if !keys.is_empty() {
         fill_rows(&w, &keys);
@@ -429,20 +431,12 @@ pub extern "C" fn pg_finfo_doppler_sync_trigger() -> &'static pg_sys::Pg_finfo_r
 
 /// Fills the rows with these keys, in batches of the table's batch size.
 fn fill_rows(w: &Watched, keys: &[String]) -> i64 {
-    let owner = extension_owner();
-    let raise = w.on_error == "raise";
+    let raise = w.on_error == OnError::Raise;
     let mut filled = 0;
     // every batch settles its rows (filled, or failed and recorded), so this many batches suffice
     let rounds = keys.len().div_ceil(w.batch_size.max(1) as usize) + 1;
     for _ in 0..rounds {
-        let r = batch::run_batch(
-            w.relid,
-            w.batch_size as i64,
-            owner,
-            Via::Sync,
-            Some(keys),
-            raise,
-        );
+        let r = fill::run(w, w.batch_size as i64, Via::Sync, Some(keys), raise);
         filled += r.filled;
         if r.claimed == 0 {
             break;

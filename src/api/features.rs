@@ -15,11 +15,10 @@
 //! Reading server files is a privilege: only superusers and members of `pg_read_server_files` may
 //! call the path form (the rule `COPY ... FROM 'file'` follows). Relative paths are refused.
 
-use doppler_core::{fetch, source, Error, ErrorKind};
+use doppler_core::source;
 use pgrx::prelude::*;
 
-use crate::errors::{raise, OrRaise};
-use crate::session;
+use crate::{service, session, sources};
 
 #[pg_extern(name = "extract_features", volatile, parallel_safe)]
 fn extract_features_path(
@@ -28,47 +27,8 @@ fn extract_features_path(
 ) -> Option<Vec<f32>> {
     let path = path?;
     let spec = session::spec(model);
-    let (bytes, what) = load_text_source(path);
-    Some(features_of(&spec, &bytes, &what))
-}
-
-/// A text source: a server path (superusers and pg_read_server_files members, inside
-/// doppler.file_roots) or an http(s) URL (doppler.allow_urls, superusers and doppler_url_reader
-/// members, under the URL policy). Returns the bytes and how messages name the source.
-pub fn load_text_source(s: &str) -> (Vec<u8>, String) {
-    let what = if fetch::is_url(s) {
-        check_fetch_urls(s);
-        format!("image URL \"{s}\"")
-    } else {
-        check_read_server_files(s);
-        source::describe_path(s)
-    };
-    let bytes = source::load(s, &crate::gucs::source_policy()).or_raise();
-    (bytes, what)
-}
-
-/// Whether `role` may fetch URLs: a superuser or a member of doppler_url_reader.
-pub fn may_fetch_urls(role: pg_sys::Oid) -> bool {
-    unsafe {
-        if pg_sys::superuser_arg(role) {
-            return true;
-        }
-        let reader = pg_sys::get_role_oid(c"doppler_url_reader".as_ptr(), true);
-        reader != pg_sys::InvalidOid && pg_sys::has_privs_of_role(role, reader)
-    }
-}
-
-fn check_fetch_urls(url: &str) {
-    if (url.starts_with("http://") || url.starts_with("https://"))
-        && !may_fetch_urls(unsafe { pg_sys::GetUserId() })
-    {
-        pgrx::ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to fetch image URL \"{url}\""),
-            "Only superusers and members of doppler_url_reader may fetch URLs."
-        );
-    }
+    let (bytes, what) = sources::load_text(path);
+    Some(session::features_of(&spec, &bytes, &what))
 }
 
 #[pg_extern(name = "extract_features", stable, parallel_safe)]
@@ -78,29 +38,12 @@ fn extract_features_bytea(
 ) -> Option<Vec<f32>> {
     let image = image?;
     let spec = session::spec(model);
-    check_size(image);
-    Some(features_of(
+    sources::check_size(image);
+    Some(session::features_of(
         &spec,
         image,
         &source::describe_bytes(image.len()),
     ))
-}
-
-/// doppler.max_image_bytes, for values already in the database.
-pub fn check_size(image: &[u8]) {
-    let max = crate::gucs::max_image_bytes();
-    if image.len() as u64 > max {
-        raise(
-            Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "{} is over the limit of {max} bytes",
-                    source::describe_bytes(image.len())
-                ),
-            )
-            .with_hint("Raise doppler.max_image_bytes to accept larger images."),
-        );
-    }
 }
 
 /// Describes the model sessions that serve this connection, most recently used first (one row
@@ -122,28 +65,11 @@ fn session_info() -> TableIterator<
         name!(inference, String),
     ),
 > {
-    let inference = crate::service::inference();
+    let inference = service::inference();
     let mode = inference.as_str().to_string();
-    let (sessions, created) = if inference == crate::service::Inference::Service {
-        let (list, created) = crate::service::sessions();
-        // The service serves every database: others see only the sessions of this database's
-        // models, under this database's names (superusers see them all).
-        let mine = this_databases_models();
-        let superuser = unsafe { pg_sys::superuser() };
-        let list = list
-            .into_iter()
-            .filter_map(|mut s| {
-                match mine.iter().find(|(_, path)| *path == s.model_path) {
-                    Some((name, _)) => s.model.clone_from(name),
-                    None if superuser => {}
-                    None => return None,
-                }
-                Some(s)
-            })
-            .collect();
-        (list, created)
-    } else {
-        (session::current(), session::sessions_created())
+    let (sessions, created) = match inference {
+        service::Inference::Service => service::visible_sessions(),
+        service::Inference::Backend => (session::current(), session::sessions_created()),
     };
     let mut rows: Vec<_> = sessions
         .into_iter()
@@ -164,24 +90,6 @@ fn session_info() -> TableIterator<
         rows.push((None, None, None, None, None, None, created, mode));
     }
     TableIterator::new(rows)
-}
-
-/// (name, resolved file) of each doppler.models entry of this database.
-fn this_databases_models() -> Vec<(String, String)> {
-    Spi::connect(|client| {
-        let rows = client.select("SELECT name, onnx_path FROM doppler.models", None, &[])?;
-        let mut out = Vec::new();
-        for r in rows {
-            let name = r.get::<String>(1)?.unwrap_or_default();
-            let path = r
-                .get::<String>(2)?
-                .map(|p| crate::dirs::expand(&p))
-                .unwrap_or_else(crate::gucs::model_path);
-            out.push((name, path));
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_default()
 }
 
 /// The inference service: its process, when it started, how often the postmaster started it,
@@ -205,7 +113,7 @@ fn service_status() -> TableIterator<
         name!(running, i64),
     ),
 > {
-    let rows = crate::service::status()
+    let rows = service::status()
         .map(|s| {
             (
                 s.pid,
@@ -226,14 +134,6 @@ fn service_status() -> TableIterator<
     TableIterator::new(rows)
 }
 
-pub fn features_of(spec: &session::ModelSpec, bytes: &[u8], what: &str) -> Vec<f32> {
-    session::with_model(spec, |runner, pre| {
-        let mut slot = vec![0f32; pre.slot_len()];
-        doppler_core::prepare(bytes, what, &crate::gucs::limits(), pre, &mut slot).or_raise();
-        runner.run(&slot, 1).or_raise()
-    })
-}
-
 /// Loads the registered model `name` (in the inference service, or in this backend), checking its file, input and output
 /// against doppler.models; returns its tag (name@version). Used by `doppler.register_model`.
 #[pg_extern(volatile, strict, parallel_unsafe)]
@@ -244,24 +144,4 @@ fn _check_model(name: &str) -> String {
     session::forget(&spec);
     session::with_model(&spec, |runner, _| runner.check());
     spec.tag()
-}
-
-/// Superusers and members of pg_read_server_files only.
-pub fn check_read_server_files(path: &str) {
-    // SAFETY: plain catalog lookups on the current user, in a transaction.
-    let allowed = unsafe {
-        pg_sys::superuser()
-            || pg_sys::has_privs_of_role(
-                pg_sys::GetUserId(),
-                pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
-            )
-    };
-    if !allowed {
-        pgrx::ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to read image file \"{path}\""),
-            "Only superusers and roles with privileges of pg_read_server_files may read server files; others can pass the image as bytea."
-        );
-    }
 }

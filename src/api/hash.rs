@@ -9,9 +9,8 @@
 use doppler_core::{dhash, source, Error, ErrorKind};
 use pgrx::prelude::*;
 
-use crate::api::features::load_text_source;
-use crate::errors::{raise, OrRaise};
-use crate::gucs;
+use crate::errors::{raise_error, OrRaise};
+use crate::{gucs, sources};
 
 fn hash_of(bytes: &[u8], what: &str) -> String {
     // doppler.jpeg_draft_size must not change a hash
@@ -25,19 +24,19 @@ fn hash_of(bytes: &[u8], what: &str) -> String {
 
 #[pg_extern(name = "dhash", volatile, strict, parallel_safe)]
 fn dhash_path(path: &str) -> String {
-    let (bytes, what) = load_text_source(path);
+    let (bytes, what) = sources::load_text(path);
     hash_of(&bytes, &what)
 }
 
 #[pg_extern(name = "dhash", immutable, strict, parallel_safe)]
 fn dhash_bytea(image: &[u8]) -> String {
-    crate::api::features::check_size(image);
+    sources::check_size(image);
     hash_of(image, &source::describe_bytes(image.len()))
 }
 
 pub(crate) fn parse(h: &str) -> u64 {
     dhash::parse_hex(h).unwrap_or_else(|| {
-        raise(
+        raise_error(
             Error::new(
                 ErrorKind::Config,
                 format!("invalid dHash \"{h}\": expected 16 hexadecimal digits"),

@@ -14,19 +14,28 @@ use doppler_core::dhash;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 
-use crate::api::watch::{free_index_name, owned_table};
+use crate::errors::{raise, Code, SpiOrRaise};
 use crate::gucs;
-use crate::privileged::{acts_as, as_owner, current_user};
-use crate::worker::batch::{self, Watched};
+use crate::privileged::{acts_as, as_owner, current_user, owned_table};
+use crate::watch::free_index_name;
+use crate::watched::kinds::closed_set;
+use crate::watched::{self, lock_for_reading, SourceKind, VectorKind, Watched};
 
-fn fail(code: PgSqlErrorCode, msg: String, hint: &str) -> ! {
-    crate::errors::raise_code(code, msg, hint)
-}
+closed_set!(
+    /// A distance `similar` orders by, or an index `create_index` builds.
+    Metric, "metric", {
+    /// Euclidean distance.
+    L2 => "l2",
+    /// Cosine distance.
+    Cosine => "cosine",
+    /// Hamming distance between dHashes (an index only: `create_index(tbl, 'hamming')`).
+    Hamming => "hamming",
+});
 
 fn same_len(a: &[f32], b: &[f32]) {
     if a.len() != b.len() {
-        fail(
-            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+        raise(
+            Code::ERRCODE_DATA_EXCEPTION,
             format!("different vector dimensions {} and {}", a.len(), b.len()),
             "",
         );
@@ -75,15 +84,15 @@ fn readable(relid: pg_sys::Oid) -> Watched {
     )
     .unwrap_or((None, None));
     if may_select != Some(true) {
-        fail(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        raise(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied for table {}", w.name),
             "doppler.similar and doppler.duplicates need SELECT on the table.",
         );
     }
     if rls != Some(false) {
-        fail(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        raise(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("table {} has row-level security for this role", w.name),
             "doppler searches a table as its owner; with row-level security in force only the owner may.",
         );
@@ -92,17 +101,8 @@ fn readable(relid: pg_sys::Oid) -> Watched {
     w
 }
 
-/// Locks a table the caller may read (ACCESS SHARE, until the transaction ends), so that it is not
-/// dropped or altered under the statements doppler runs by its name; each of those checks first
-/// that the name still means this table ([`Watched::check_name`]). Only after the privilege
-/// checks: a role must not be able to hold locks on tables it may not read.
-pub fn lock_for_reading(relid: pg_sys::Oid) {
-    // SAFETY: a lock on an oid that may not exist (any more) is harmless.
-    unsafe { pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-}
-
 fn watched(relid: pg_sys::Oid) -> Watched {
-    batch::watched_or_raise(
+    watched::load_or_raise(
         relid,
         "doppler.similar and doppler.duplicates work on watched tables (doppler.watch).",
     )
@@ -111,7 +111,7 @@ fn watched(relid: pg_sys::Oid) -> Watched {
 /// The source as the search functions show it, over alias `t`: the path, or the size of the
 /// image bytes.
 fn source_text(w: &Watched) -> String {
-    if w.source_kind == "bytea" {
+    if w.source_kind == SourceKind::Bytea {
         format!(
             "pg_catalog.format('bytea, %s bytes', pg_catalog.octet_length(t.{}))",
             quote_identifier(&w.source_column)
@@ -156,18 +156,18 @@ fn search(
 ) -> Vec<(String, Option<String>, f64)> {
     let w = readable(relid);
     let filter_sql = filter.map(|f| filter_over(&w, f, "$3"));
-    let cosine = match metric {
-        "l2" => false,
-        "cosine" => true,
-        _ => fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("metric must be l2 or cosine, not \"{metric}\""),
+    let cosine = match Metric::from_arg(metric) {
+        Metric::L2 => false,
+        Metric::Cosine => true,
+        Metric::Hamming => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "similar orders by l2 or cosine distance, not hamming",
             "",
         ),
     };
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
     let src = source_text(&w);
-    let key = w.key_expr();
+    let key = w.key_over("t");
     // pgvector's names, qualified: the scan runs under the pinned search_path
     let nsp = &w.vector_schema;
     let (op, suffix) = if cosine {
@@ -176,8 +176,8 @@ fn search(
         (format!("OPERATOR({nsp}.<->)"), "l2")
     };
     let (vector, halfvec) = (format!("{nsp}.vector"), format!("{nsp}.halfvec"));
-    let (distance, order) = match w.vector_kind.as_str() {
-        "real[]" => {
+    let (distance, order) = match w.vector_kind {
+        VectorKind::Real => {
             let f = if cosine {
                 "doppler.cosine_distance"
             } else {
@@ -185,7 +185,7 @@ fn search(
             };
             (format!("{f}({vec}, $1)"), "3".to_string())
         }
-        "vector" => {
+        VectorKind::Vector => {
             let n = dims(&w);
             let exact = format!("({vec} {op} $1::pg_catalog.float4[]::{vector})");
             // the halfvec expression index, when there is one; exact distances are reported
@@ -199,7 +199,7 @@ fn search(
                 _ => (exact, "3".to_string()),
             }
         }
-        _ => (
+        VectorKind::Halfvec => (
             format!("({vec} {op} $1::pg_catalog.float4[]::{halfvec})"),
             format!("{vec} {op} $1::pg_catalog.float4[]::{halfvec}"),
         ),
@@ -214,7 +214,7 @@ fn search(
     // The HNSW index yields hnsw.ef_search candidates, and the filters (stale vectors, the
     // caller's filter) may drop most of them: pgvector 0.8's iterative scan goes on until k rows
     // pass (up to hnsw.max_scan_tuples), in exact distance order. For this query only.
-    let before = if w.vector_kind != "real[]" {
+    let before = if w.vector_kind != VectorKind::Real {
         iterative_scan()
     } else {
         None
@@ -237,7 +237,7 @@ fn search(
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.similar on {}: {e}", w.name));
+    .or_raise(|| format!("doppler.similar on {}", w.name));
     restore_setting(before);
     found
 }
@@ -322,19 +322,19 @@ fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         .map(Some)
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.similar: could not read the filter: {e}"));
+    .or_raise(|| "doppler.similar: could not read the filter".into());
     let Some(keys) = keys else {
-        fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "filter must be a JSON object of column names and values".into(),
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "filter must be a JSON object of column names and values",
             "For example: filter => '{\"site\": \"example.org\"}'.",
         )
     };
     let mut conds = Vec::new();
     for (col, typ) in keys {
         let Some(typ) = typ else {
-            fail(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            raise(
+                Code::ERRCODE_UNDEFINED_COLUMN,
                 format!(
                     "column {} of table {} does not exist",
                     quote_identifier(&col),
@@ -356,7 +356,8 @@ fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
 }
 
 /// The k rows nearest to a feature vector (the SQL overloads for paths and bytes extract the
-/// query's features first, with extract_features' privileges and limits). 0.2.0's signature.
+/// query's features first, with extract_features' privileges and limits). Without a filter: the
+/// signature SQL objects before 0.3.0 call.
 #[pg_extern(name = "_similar", stable, strict, parallel_restricted)]
 #[search_path(pg_catalog, pg_temp)]
 fn similar_vector(
@@ -407,15 +408,10 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     owned_table(relid);
     let w = watched(relid);
     lock_for_reading(relid);
-    let ops = match metric {
-        "hamming" => return create_hash_index(&w),
-        "l2" => "halfvec_l2_ops",
-        "cosine" => "halfvec_cosine_ops",
-        _ => fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("metric must be l2, cosine or hamming, not \"{metric}\""),
-            "",
-        ),
+    let ops = match Metric::from_arg(metric) {
+        Metric::Hamming => return create_hash_index(&w),
+        Metric::L2 => "halfvec_l2_ops",
+        Metric::Cosine => "halfvec_cosine_ops",
     };
     if let Some(existing) = hnsw_index(&w, ops) {
         notice!("doppler: {} already has the HNSW index {existing}", w.name);
@@ -424,16 +420,16 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     let vec = quote_identifier(&w.vector_column);
     let n = dims(&w);
     let nsp = &w.vector_schema;
-    let expr = match w.vector_kind.as_str() {
-        "vector" if n > 0 => format!("(({vec})::{nsp}.halfvec({n}))"),
-        "halfvec" => vec.clone(),
-        "vector" => fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+    let expr = match w.vector_kind {
+        VectorKind::Vector if n > 0 => format!("(({vec})::{nsp}.halfvec({n}))"),
+        VectorKind::Halfvec => vec.clone(),
+        VectorKind::Vector => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("vector column {vec} of {} has no fixed dimensions", w.name),
             "Declare it as vector(2048) so that it can be indexed as halfvec(2048).",
         ),
-        _ => fail(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        VectorKind::Real => raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!(
                 "{} stores features as real[], which pgvector cannot index",
                 w.name
@@ -448,7 +444,7 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
             w.name
         ))
     })
-    .unwrap_or_else(|e| pgrx::error!("could not create the HNSW index on {}: {e}", w.name));
+    .or_raise(|| format!("could not create the HNSW index on {}", w.name));
     hnsw_index(&w, ops).unwrap_or_default()
 }
 
@@ -471,15 +467,15 @@ fn _duplicates(
 > {
     let w = readable(relid);
     if max_bits < 0 {
-        fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("max_bits must be 0 or more, not {max_bits}"),
             "",
         );
     }
     let Some(h) = &w.hash_column else {
-        fail(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+        raise(
+            Code::ERRCODE_UNDEFINED_COLUMN,
             format!("{} is watched without a hash column", w.name),
             "doppler.watch(tbl, ..., hash_column => 'd_hash') makes the worker fill one.",
         )
@@ -491,7 +487,7 @@ fn _duplicates(
         "SELECT pg_catalog.array_agg({key}), pg_catalog.array_agg(t.{h}::pg_catalog.text) FROM {table} t
          WHERE t.{h} IS NOT NULL
          GROUP BY t.tableoid, ((t.ctid::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8 OPERATOR(pg_catalog./) 1024)",
-        key = w.key_expr(),
+        key = w.key_over("t"),
         h = quote_identifier(h),
         table = w.name
     );
@@ -525,7 +521,7 @@ fn _duplicates(
             Ok::<_, pgrx::spi::Error>(())
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.duplicates on {}: {e}", w.name));
+    .or_raise(|| format!("doppler.duplicates on {}", w.name));
     // exact groups by multi-index hashing (doppler_core::near: the same pairs as comparing all);
     // cancel and statement_timeout act while pairs are compared
     let groups = doppler_core::near::groups(&bits, max_bits.clamp(0, 64) as u32, &mut || {
@@ -578,8 +574,8 @@ fn hash_tokens_expr(col: &str) -> String {
 
 fn hash_column(w: &Watched) -> &str {
     w.hash_column.as_deref().unwrap_or_else(|| {
-        fail(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+        raise(
+            Code::ERRCODE_UNDEFINED_COLUMN,
             format!("{} is watched without a hash column", w.name),
             "doppler.watch(tbl, ..., hash_column => 'd_hash') makes the worker fill one.",
         )
@@ -622,7 +618,7 @@ fn create_hash_index(w: &Watched) -> String {
     let expr = hash_tokens_expr(&quote_identifier(h));
     as_owner(w.owner, || {
         w.check_name();
-        let (bare, index) = free_index_name(w.relid, "_doppler_dhash")?;
+        let (bare, index) = free_index_name(w.relid, "_doppler_dhash");
         Spi::run(&format!(
             "CREATE INDEX {bare} ON {} USING gin ({expr})",
             w.name
@@ -633,12 +629,7 @@ fn create_hash_index(w: &Watched) -> String {
         ))?;
         Ok::<_, pgrx::spi::Error>(index)
     })
-    .unwrap_or_else(|e| {
-        pgrx::error!(
-            "could not create the near-duplicate index on {}: {e}",
-            w.name
-        )
-    })
+    .or_raise(|| format!("could not create the near-duplicate index on {}", w.name))
 }
 
 /// The rows whose dHash is within `max_bits` of `hash`, nearest first. Exact: the index (when
@@ -663,8 +654,8 @@ fn _near_duplicates(
     let w = readable(relid);
     let h = hash_column(&w);
     if max_bits < 0 {
-        fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("max_bits must be 0 or more, not {max_bits}"),
             "",
         );
@@ -698,7 +689,7 @@ fn _near_duplicates(
     );
     let sql = format!(
         "SELECT {key}, {src}, {col}::pg_catalog.text FROM {table} t WHERE {candidates} AND {near}",
-        key = w.key_expr(),
+        key = w.key_over("t"),
         table = w.name
     );
     // GIN cannot estimate an overlap with hundreds of tokens (it guesses a third of the table),
@@ -729,7 +720,7 @@ fn _near_duplicates(
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("doppler.near_duplicates on {}: {e}", w.name));
+    .or_raise(|| format!("doppler.near_duplicates on {}", w.name));
     restore_setting(before);
     let mut out: Vec<(String, Option<String>, String, i32)> = rows
         .into_iter()

@@ -20,16 +20,16 @@
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-use crate::errors::in_subtransaction;
+use crate::errors::{in_subtransaction, SpiOrRaise};
 use crate::gucs;
 use crate::privileged::{acts_as, as_owner, current_user};
-use crate::worker::batch;
+use crate::watched::{self, lock_for_reading, Watched};
 
 /// The watch of a table whose counts the caller may see: it owns the table, or may SELECT it
 /// with no row-level security in force for it (counted as the owner, the counts would include
 /// rows its policies hide).
-fn visible_watch(relid: pg_sys::Oid) -> Option<batch::Watched> {
-    let w = batch::load_watched(Some(relid)).into_iter().next()?;
+fn visible_watch(relid: pg_sys::Oid) -> Option<Watched> {
+    let w = watched::load(relid)?;
     let visible = acts_as(current_user(), w.owner)
         || Spi::get_one_with_args::<bool>(
             "SELECT pg_catalog.has_table_privilege($1::pg_catalog.oid, 'SELECT')
@@ -60,7 +60,7 @@ fn _counts(
     let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
-    crate::api::search::lock_for_reading(relid);
+    lock_for_reading(relid);
     let tag = w.spec().tag();
     let (vec, src) = (
         quote_identifier(&w.vector_column),
@@ -91,7 +91,7 @@ fn _counts(
                 ])
             })
         })
-        .unwrap_or_else(|e| pgrx::error!("{e}"))
+        .or_raise(|| format!("could not count the rows of {}", w.name))
     });
     let [total, done, skipped, stale] = counted.unwrap_or_else(|(_, msg)| {
         warning!("doppler: could not count the rows of {}: {msg}", w.name);
@@ -120,7 +120,7 @@ fn _status(
     let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
-    crate::api::search::lock_for_reading(relid);
+    lock_for_reading(relid);
     let tag = w.spec().tag();
     let src = format!("t.{}", quote_identifier(&w.source_column));
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
@@ -217,7 +217,7 @@ fn _status(
             let done = (total - todo - skipped - stale).max(0);
             Ok::<_, pgrx::spi::Error>([total.max(todo + stale), done, skipped, stale, 0])
         })
-        .unwrap_or_else(|e| pgrx::error!("{e}"))
+        .or_raise(|| format!("could not count the rows of {}", w.name))
     });
     match counted {
         Ok([total, done, skipped, stale, exact]) => TableIterator::once((

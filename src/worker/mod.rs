@@ -9,7 +9,7 @@
 //! (shared catalogs only), says so once in the log and looks the database up every
 //! [`MISSING_RECHECK`] (a catalog read, no connection attempt) until it can connect.
 
-pub mod batch;
+mod wake;
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -23,8 +23,10 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 use std::sync::atomic::AtomicU64;
 
+use crate::fill::{self, Via};
 use crate::gucs;
-use batch::Via;
+use crate::watched::{self, installed::Installed, Wait};
+pub use wake::{wake, wake_pids, worker_pids};
 
 /// The `backend_type` of doppler workers in `pg_stat_activity`.
 pub const BACKEND_TYPE: &str = "doppler worker";
@@ -176,49 +178,47 @@ fn database_ready(db: &str) -> bool {
 /// One batch of every watched table (highest priority first). True when any row was claimed.
 fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
     let tables = in_transaction("reading doppler.watched", || {
-        let version = Spi::get_one::<String>(
-            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'doppler'",
-        )
-        .ok()
-        .flatten()?;
-        check_version(&version);
-        Some(batch::load_watched(None))
+        let installed = Installed::get()?;
+        check_version(installed);
+        Some(watched::load_all())
     })
     .flatten();
     let Some(tables) = tables else {
         report("doppler: waiting for CREATE EXTENSION doppler");
         return false;
     };
-    let me = unsafe { pg_sys::GetUserId() };
     let mut claimed = false;
-    for w in tables {
+    for listed in tables {
         if stopping() {
             break;
         }
-        report(&format!("doppler: filling {}", w.name));
-        match in_transaction(&format!("filling {}", w.name), || {
+        report(&format!("doppler: filling {}", listed.name));
+        let batch = in_transaction(&format!("filling {}", listed.name), || {
             with_batch_timeout(|| {
-                batch::run_batch(w.relid, w.batch_size as i64, me, Via::Worker, None, false)
+                // the watch as it is now, the table locked (skipped while someone holds it)
+                let w = watched::lock(listed.relid, watched::FOR_WRITING, Wait::Skip)?;
+                Some(fill::run(&w, w.batch_size as i64, Via::Worker, None, false))
             })
-        }) {
-            Some(r) if r.claimed > 0 => {
-                claimed = true;
-                let t = totals.entry(w.relid).or_default();
-                t.0 += r.filled;
-                t.1 += r.failed;
-                report(&format!(
-                    "doppler: {}.{} +{} ({} filled, {} failed since start)",
-                    w.name, w.vector_column, r.filled, t.0, t.1
-                ));
-                debug1!(
-                    "doppler: {}: {} filled, {} failed in {:.2}s",
-                    w.name,
-                    r.filled,
-                    r.failed,
-                    r.seconds
-                );
+        });
+        if let Some(Some(r)) = batch {
+            if r.claimed == 0 {
+                continue;
             }
-            _ => {}
+            claimed = true;
+            let t = totals.entry(listed.relid).or_default();
+            t.0 += r.filled;
+            t.1 += r.failed;
+            report(&format!(
+                "doppler: {}.{} +{} ({} filled, {} failed since start)",
+                listed.name, listed.vector_column, r.filled, t.0, t.1
+            ));
+            debug1!(
+                "doppler: {}: {} filled, {} failed in {:.2}s",
+                listed.name,
+                r.filled,
+                r.failed,
+                r.seconds
+            );
         }
     }
     report("doppler: idle");
@@ -228,12 +228,14 @@ fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
 /// Says once (per worker process) when the database's doppler SQL objects are of another
 /// version than this library: the binaries were upgraded and `ALTER EXTENSION doppler UPDATE`
 /// has not run yet. The worker goes on (the update scripts keep the tables' shape).
-fn check_version(sql_version: &str) {
+fn check_version(installed: Installed) {
     static WARNED: AtomicBool = AtomicBool::new(false);
-    let library = env!("CARGO_PKG_VERSION");
-    if sql_version != library && !WARNED.swap(true, Ordering::SeqCst) {
+    let library = watched::installed::library();
+    if installed != library && !WARNED.swap(true, Ordering::SeqCst) {
         warning!(
-            "doppler's SQL objects in this database are version {sql_version}, its library is {library}: run ALTER EXTENSION doppler UPDATE"
+            "doppler's SQL objects in this database are version {}, its library is {}: run ALTER EXTENSION doppler UPDATE",
+            installed.text(),
+            library.text()
         );
     }
 }

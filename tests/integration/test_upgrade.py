@@ -161,7 +161,8 @@ def fingerprint(conn):
 
 
 def test_updated_catalog_equals_a_fresh_install(old):
-    """0.1.0 + the update scripts (0.1.0 → 0.2.0 → 0.3.0 → 0.4.0) define every object exactly as CREATE EXTENSION of 0.4.0 does."""
+    """OLD + every update script up to NEW (ALTER EXTENSION doppler UPDATE) defines every object exactly as
+    CREATE EXTENSION of NEW does."""
     with old.connect("postgres") as c:
         c.execute("DROP DATABASE IF EXISTS doppler_fresh")
         c.execute("CREATE DATABASE doppler_fresh")
