@@ -257,7 +257,12 @@ def measure_model(c, model, paths, singles, threads, batch, reps):
         db.execute(f"SET doppler.intra_op_threads = {threads}")
         db.execute(f"SET doppler.inference_batch_size = {batch}")
         db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (singles[0],))  # session warm
-        pid = wdb.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()[0]
+        # (the worker of a database created a moment ago connects within its restart time)
+        deadline = time.time() + 60
+        while (row := wdb.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'doppler worker'").fetchone()) is None:
+            assert time.time() < deadline, "the worker of database worker did not start"
+            time.sleep(0.2)
+        pid = row[0]
         for _ in range(reps):
             py = max(py, ref.pipeline(paths))
             # fill (manual mode: the worker leaves it alone, it is in another database anyway)

@@ -111,18 +111,18 @@ CREATE FUNCTION @extschema@.similar(tbl regclass, query text, k int DEFAULT 12, 
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql VOLATILE PARALLEL RESTRICTED ROWS 12
 AS $$ SELECT s.* FROM (SELECT WHERE tbl IS NOT NULL AND query IS NOT NULL AND k IS NOT NULL AND metric IS NOT NULL) g,
-      LATERAL @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::text) s $$;
+      LATERAL @extschema@._similar(tbl::pg_catalog.oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::pg_catalog.text) s $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query bytea, k int DEFAULT 12, metric text DEFAULT 'l2',
                                     filter jsonb DEFAULT NULL)
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE PARALLEL RESTRICTED ROWS 12
 AS $$ SELECT s.* FROM (SELECT WHERE tbl IS NOT NULL AND query IS NOT NULL AND k IS NOT NULL AND metric IS NOT NULL) g,
-      LATERAL @extschema@._similar(tbl::oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::text) s $$;
+      LATERAL @extschema@._similar(tbl::pg_catalog.oid, @extschema@.extract_features(query, @extschema@._table_model(tbl)), k, metric, filter::pg_catalog.text) s $$;
 CREATE FUNCTION @extschema@.similar(tbl regclass, query real[], k int DEFAULT 12, metric text DEFAULT 'l2',
                                     filter jsonb DEFAULT NULL)
 RETURNS TABLE (row_key text, source text, distance float8)
 LANGUAGE sql STABLE PARALLEL RESTRICTED ROWS 12
-AS $$ SELECT * FROM @extschema@._similar(tbl::oid, query, k, metric, filter::text) $$;
+AS $$ SELECT * FROM @extschema@._similar(tbl::pg_catalog.oid, query, k, metric, filter::pg_catalog.text) $$;
 COMMENT ON FUNCTION @extschema@.similar(regclass, text, int, text, jsonb) IS
   'The k rows of a watched table nearest to the image at this server path (features by the table''s model; euclidean distance as the seed, or metric => ''cosine''; rows whose vector is from an older model are left out until re-embedded), optionally only rows whose columns equal filter''s values (filter => ''{"site": "example.org"}''). Exact scan on real[] columns; pgvector operators and its HNSW index (doppler.create_index) on vector/halfvec columns, with pgvector 0.8''s iterative scan so that filtered-out rows do not cost results.';
 COMMENT ON FUNCTION @extschema@.similar(regclass, bytea, int, text, jsonb) IS 'The k rows nearest to these image bytes; see similar(regclass, text, ...).';
@@ -137,18 +137,18 @@ COMMENT ON FUNCTION @extschema@.create_index(regclass, text) IS
 CREATE FUNCTION @extschema@.duplicates(tbl regclass, max_bits int DEFAULT 4)
 RETURNS TABLE (group_id int, size int, row_keys text[], hashes text[])
 LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
-AS $$ SELECT * FROM @extschema@._duplicates(tbl::oid, max_bits) $$;
+AS $$ SELECT * FROM @extschema@._duplicates(tbl::pg_catalog.oid, max_bits) $$;
 COMMENT ON FUNCTION @extschema@.duplicates(regclass, int) IS
   'Groups of rows whose dHashes are within max_bits of each other, most-posted first (the seed''s most re-posted images). Skip hashes are left out. Exact, by multi-index hashing in memory.';
 
 CREATE FUNCTION @extschema@.near_duplicates(tbl regclass, hash text, max_bits int DEFAULT 4)
 RETURNS TABLE (row_key text, source text, hash text, distance int)
 LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
-AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::oid, hash, max_bits) $$;
+AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::pg_catalog.oid, hash, max_bits) $$;
 CREATE FUNCTION @extschema@.near_duplicates(tbl regclass, image bytea, max_bits int DEFAULT 4)
 RETURNS TABLE (row_key text, source text, hash text, distance int)
 LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
-AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::oid, @extschema@.dhash(image), max_bits) $$;
+AS $$ SELECT * FROM @extschema@._near_duplicates(tbl::pg_catalog.oid, @extschema@.dhash(image), max_bits) $$;
 COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, text, int) IS
   'The rows whose dHash is within max_bits of this one (16 hex digits), nearest first; skip hashes are left out. Exact; served by the index of doppler.create_index(tbl, ''hamming'') up to max_bits 11, else a scan.';
 COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, bytea, int) IS
@@ -174,7 +174,9 @@ SELECT w.relid AS table_name,
        b.last_batch_at,
        b.recent_images_per_sec,
        @extschema@._worker_pid() AS worker_pid,
-       c.exact
+       c.exact,
+       w.overruns AS worker_overruns,
+       w.backoff_until AS worker_backoff_until
 FROM @extschema@.watched w
 JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
 CROSS JOIN LATERAL @extschema@._status(w.relid::pg_catalog.oid) c
@@ -191,7 +193,7 @@ LEFT JOIN LATERAL (
     FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true
 WHERE pg_catalog.pg_has_role(r.relowner, 'USAGE') OR pg_catalog.has_table_privilege(r.oid, 'SELECT');
 COMMENT ON VIEW @extschema@.status IS
-  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid, and whether the counts are exact (exact): tables over doppler.status_exact_rows rows get the planner''s row estimate, exact pending counts through the pending index, and done derived from both.';
+  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid, and whether the counts are exact (exact): tables over doppler.status_exact_rows rows get the planner''s row estimate, exact pending counts through the pending index, and done derived from both; counts are NULL for a table locked by someone, or whose reading would run its owner''s code in the reader''s session (row-level security forced on its owner). worker_overruns: the worker''s batches of the table in a row that overran doppler.worker_batch_timeout; worker_backoff_until: after an overrun, the worker leaves the table alone until then.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
 -- A procedure with SET search_path cannot COMMIT, so this one runs under its caller's path and
@@ -224,13 +226,13 @@ RETURN CASE WHEN max_rows IS NULL THEN NULL ELSE greatest(max_rows - filled - fa
 CREATE PROCEDURE @extschema@.fill(tbl regclass, max_rows int DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r record;
-    total bigint;
-    done_before bigint;
-    filled bigint := 0;
-    failed bigint := 0;
-    t0 timestamptz := pg_catalog.clock_timestamp();
-    left_rows int;
+    r pg_catalog.record;
+    total pg_catalog.int8;
+    done_before pg_catalog.int8;
+    filled pg_catalog.int8 := 0;
+    failed pg_catalog.int8 := 0;
+    t0 pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    left_rows pg_catalog.int4;
 BEGIN
     SELECT s.total, s.done INTO total, done_before FROM @extschema@.status s
      WHERE s.table_name::pg_catalog.oid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid;

@@ -66,7 +66,9 @@ CREATE TABLE @extschema@.watched (
     batch_size     int NOT NULL CHECK (batch_size BETWEEN 1 AND 4096),
     priority       int NOT NULL DEFAULT 0,
     watched_since  timestamptz NOT NULL DEFAULT now(),
-    stale_scan     text             -- the model tag for which no vector of another model is left; NULL: look again
+    stale_scan     text,            -- the model tag for which no vector of another model is left; NULL: look again
+    overruns       int NOT NULL DEFAULT 0,  -- worker batches in a row that overran doppler.worker_batch_timeout
+    backoff_until  timestamptz      -- after an overrun, the worker leaves the table alone until then
 );
 COMMENT ON TABLE @extschema@.watched IS 'Tables whose vector column doppler fills; change it with doppler.watch() and doppler.unwatch().';
 

@@ -46,6 +46,15 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: &str) -> ! 
     unreachable!("ERROR does not return")
 }
 
+/// Reports a WARNING with a SQLSTATE, message and (if not empty) hint, and goes on.
+pub fn warn(code: PgSqlErrorCode, message: impl Into<String>, hint: &str) {
+    let mut report = ErrorReport::new(code, message.into(), "doppler");
+    if !hint.is_empty() {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::WARNING);
+}
+
 /// Raises a doppler-core error with its kind's SQLSTATE. Does not return.
 pub fn raise_error(e: Error) -> ! {
     raise(sqlstate(e.kind), e.message, e.hint.as_deref().unwrap_or(""))

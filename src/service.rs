@@ -96,19 +96,21 @@ enum State {
 struct AtomicState(AtomicU32);
 
 impl AtomicState {
-    fn of(v: u32) -> State {
+    /// The state of a value only [`AtomicState`] writes; None for any other (a damaged slot,
+    /// which callers leave alone: no panic on the paths that give a request back).
+    fn of(v: u32) -> Option<State> {
         match v {
-            0 => State::Idle,
-            1 => State::Queued,
-            2 => State::Running,
-            3 => State::Done,
-            4 => State::Abandoned,
-            5 => State::Lost,
-            _ => unreachable!("a slot's state is written only as a State"),
+            0 => Some(State::Idle),
+            1 => Some(State::Queued),
+            2 => Some(State::Running),
+            3 => Some(State::Done),
+            4 => Some(State::Abandoned),
+            5 => Some(State::Lost),
+            _ => None,
         }
     }
 
-    fn load(&self) -> State {
+    fn load(&self) -> Option<State> {
         Self::of(self.0.load(Ordering::Acquire))
     }
 
@@ -116,12 +118,11 @@ impl AtomicState {
         self.0.store(to as u32, Ordering::Release)
     }
 
-    /// `from` → `to` if the state is `from`; the state found otherwise.
-    fn cas(&self, from: State, to: State) -> Result<State, State> {
+    /// `from` → `to` if the state is `from`; whether it was.
+    fn cas(&self, from: State, to: State) -> bool {
         self.0
             .compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Acquire)
-            .map(Self::of)
-            .map_err(Self::of)
+            .is_ok()
     }
 }
 
@@ -476,13 +477,15 @@ fn provider_of(code: u32) -> Option<Provider> {
 /// callback): atomics only.
 fn abandon(slot: &Slot) {
     loop {
-        let s = slot.state.load();
+        let Some(s) = slot.state.load() else {
+            return;
+        };
         let next = match s {
             State::Queued | State::Done | State::Lost => State::Idle,
             State::Running => State::Abandoned,
-            _ => return,
+            State::Idle | State::Abandoned => return,
         };
-        if slot.state.cas(s, next).is_ok() {
+        if slot.state.cas(s, next) {
             return;
         }
     }
@@ -569,8 +572,8 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
     let mut waited = Instant::now();
     loop {
         match slot.state.load() {
-            State::Idle => break,
-            State::Abandoned => {}
+            Some(State::Idle) => break,
+            Some(State::Abandoned) => {}
             _ => abandon(slot),
         }
         if s.service_pid.load(Ordering::Acquire) == 0 && waited.elapsed() > SERVICE_DOWN_GRACE {
@@ -641,8 +644,8 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
     let mut down_since: Option<Instant> = None;
     loop {
         match slot.state.load() {
-            State::Done => break,
-            State::Lost => {
+            Some(State::Done) => break,
+            Some(State::Lost) => {
                 drop(pending);
                 unsafe { pg_sys::dsm_detach(seg) };
                 let e = Error::new(
@@ -657,7 +660,7 @@ pub fn infer(key: &Key, batch: &[f32], n: usize) -> Result<Vec<f32>, Failed> {
                 });
             }
             // insurance against a wake-up lost to a service that was starting
-            State::Queued => wake_service(s),
+            Some(State::Queued) => wake_service(s),
             _ => {}
         }
         if s.service_pid.load(Ordering::Acquire) == 0 {
@@ -857,7 +860,7 @@ pub fn status() -> Option<Status> {
 
 fn count_in(s: &Shared, state: State) -> i64 {
     (0..s.nslots as usize)
-        .filter(|&i| slot(i).state.load() == state)
+        .filter(|&i| slot(i).state.load() == Some(state))
         .count() as i64
 }
 
@@ -888,7 +891,7 @@ pub extern "C-unwind" fn doppler_service_main(_arg: pg_sys::Datum) {
     // while running it (an ERROR it causes, e.g.); slots given up during them are free.
     for i in 0..s.nslots as usize {
         let slot = slot(i);
-        if slot.state.load() == State::Running {
+        if slot.state.load() == Some(State::Running) {
             let next =
                 if slot.restarts.fetch_add(1, Ordering::AcqRel) + 1 > MAX_RESTARTS_PER_REQUEST {
                     State::Lost
@@ -921,7 +924,7 @@ pub extern "C-unwind" fn doppler_service_main(_arg: pg_sys::Datum) {
     // Wake every caller: those that wait for a slot to be freed, and those that counted the
     // seconds without a service.
     for i in 0..s.nslots as usize {
-        if slot(i).state.load() != State::Idle {
+        if slot(i).state.load() != Some(State::Idle) {
             set_latch_of(i);
         }
     }
@@ -988,7 +991,7 @@ fn service_wait(timeout: Option<Duration>) {
 /// The slots that are queued, now RUNNING.
 fn take_queued(s: &Shared) -> Vec<usize> {
     (0..s.nslots as usize)
-        .filter(|&i| slot(i).state.cas(State::Queued, State::Running).is_ok())
+        .filter(|&i| slot(i).state.cas(State::Queued, State::Running))
         .collect()
 }
 
@@ -1162,7 +1165,7 @@ fn finish(procno: usize) {
 /// RUNNING → `to`, or ABANDONED → IDLE; then wakes the slot's owner.
 fn end(procno: usize, to: State) {
     let slot = slot(procno);
-    if slot.state.cas(State::Running, to).is_err() {
+    if !slot.state.cas(State::Running, to) {
         let _ = slot.state.cas(State::Abandoned, State::Idle);
     }
     set_latch_of(procno);
@@ -1236,7 +1239,7 @@ impl Service {
                             .iter()
                             .copied()
                             .filter(|&(r, _)| {
-                                slot(group[r].procno).state.load() != State::Abandoned
+                                slot(group[r].procno).state.load() != Some(State::Abandoned)
                             })
                             .collect();
                         if run.is_empty() {

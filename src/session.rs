@@ -237,7 +237,15 @@ pub fn with_model<R>(spec: &ModelSpec, f: impl FnOnce(&mut Runner, &Preprocess) 
     let _transient = service::not_started_yet().then(|| Forget(spec.path.clone()));
     let key = key_of(spec);
     SESSIONS.with(|cell| {
-        let mut cache = cell.borrow_mut();
+        // A model run of this backend's session is in progress further up this stack: the table
+        // owner's code (a policy, trigger or cast of the table being filled) calls doppler again.
+        let Ok(mut cache) = cell.try_borrow_mut() else {
+            raise(
+                Code::ERRCODE_OBJECT_IN_USE,
+                "doppler cannot run a model from code that runs during one of its own model runs",
+                "A policy, trigger, cast or index expression of the table being filled calls doppler; call it outside the table's own code, or with doppler.inference = service.",
+            )
+        };
         match cache.iter().position(|c| c.key == key) {
             Some(0) => {}
             Some(i) => {

@@ -277,46 +277,29 @@ fn derived_columns(relid: pg_sys::Oid) -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// The rename-following event trigger (`doppler._on_rename()`, ddl_command_end of `ALTER TABLE`
-/// and `ALTER TYPE`): a `RENAME COLUMN` (or `RENAME ATTRIBUTE ... CASCADE` of a typed table's
-/// type) of a column a watch uses is written into `doppler.watched`, for the renamed table and
-/// its partitions, inheritors and typed tables, in the renaming transaction. The old and new names
-/// come from the statement's parse tree, the table from the event's collected command (its oid):
-/// nothing is guessed. Every role's ALTER fires it; it writes doppler's catalog as the extension
-/// owner, over oids and names only.
+/// The event trigger that follows ALTER (`doppler._on_rename()`, ddl_command_end of `ALTER TABLE`
+/// and `ALTER TYPE`): renames ([`follow_rename`]) and type changes ([`follow_type_changes`]) of
+/// the columns a watch uses. Every role's ALTER fires it; it writes doppler's catalog as the
+/// extension owner, over oids and names only.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn doppler_on_rename(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    let none = pg_sys::Datum::from(0usize);
-    // SAFETY: called by the function manager; the context is checked to be an
-    // EventTriggerData, and its parse tree to be a RenameStmt, before either is read.
-    let (old, new) = unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
-            raise(
-                Code::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
-                "doppler._on_rename() was not called by the event trigger manager",
-                "",
-            );
-        }
-        let tree = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
-        if tree.is_null() || (*tree).type_ != pg_sys::NodeTag::T_RenameStmt {
-            return none;
-        }
-        let stmt = tree as *mut pg_sys::RenameStmt;
-        let kind = (*stmt).renameType;
-        if kind != pg_sys::ObjectType::OBJECT_COLUMN && kind != pg_sys::ObjectType::OBJECT_ATTRIBUTE
-            || (*stmt).subname.is_null()
-            || (*stmt).newname.is_null()
-        {
-            return none;
-        }
-        let name =
-            |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-        (name((*stmt).subname), name((*stmt).newname))
-    };
+    // SAFETY: called by the function manager with its call info
+    if let Some((old, new)) = unsafe { renamed_column(fcinfo) } {
+        follow_rename(&old, &new);
+    }
+    follow_type_changes();
+    pg_sys::Datum::from(0usize)
+}
+
+/// A `RENAME COLUMN` (or `RENAME ATTRIBUTE ... CASCADE` of a typed table's
+/// type) of a column a watch uses is written into `doppler.watched`, for the renamed table and
+/// its partitions, inheritors and typed tables, in the renaming transaction. The old and new names
+/// come from the statement's parse tree ([`renamed_column`]), the table from the event's
+/// collected command (its oid): nothing is guessed.
+fn follow_rename(old: &str, new: &str) {
     as_catalog(extension_owner(), || {
         Spi::run_with_args(
             "WITH RECURSIVE args AS (SELECT $1::pg_catalog.name AS old, $2::pg_catalog.name AS new),
@@ -344,11 +327,82 @@ pub unsafe extern "C-unwind" fn doppler_on_rename(
              WHERE x.relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT tree.relid FROM tree))
                AND a.old OPERATOR(pg_catalog.=) ANY (x.key_columns OPERATOR(pg_catalog.||)
                      ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column])",
-            &[old.as_str().into(), new.as_str().into()],
+            &[old.into(), new.into()],
         )
-    })
-    .unwrap_or_else(|e| pgrx::error!("doppler: could not follow the rename of column \"{old}\": {e}"));
-    none
+        .or_raise(|| format!("could not follow the rename of column \"{old}\""))
+    });
+}
+
+/// The old and new names of a `RENAME COLUMN` or `RENAME ATTRIBUTE`, from the statement's parse
+/// tree; None for any other statement.
+///
+/// # Safety
+/// `fcinfo` must be the function manager's call info.
+unsafe fn renamed_column(fcinfo: pg_sys::FunctionCallInfo) -> Option<(String, String)> {
+    // SAFETY: the context is checked to be an EventTriggerData, and its parse tree to be a
+    // RenameStmt, before either is read.
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            raise(
+                Code::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+                "doppler._on_rename() was not called by the event trigger manager",
+                "",
+            );
+        }
+        let tree = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
+        if tree.is_null() || (*tree).type_ != pg_sys::NodeTag::T_RenameStmt {
+            return None;
+        }
+        let stmt = tree as *mut pg_sys::RenameStmt;
+        let kind = (*stmt).renameType;
+        if kind != pg_sys::ObjectType::OBJECT_COLUMN && kind != pg_sys::ObjectType::OBJECT_ATTRIBUTE
+            || (*stmt).subname.is_null()
+            || (*stmt).newname.is_null()
+        {
+            return None;
+        }
+        let name =
+            |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        Some((name((*stmt).subname), name((*stmt).newname)))
+    }
+}
+
+/// After an ALTER: a watch of a table the statement altered (or of its partitions, inheritors,
+/// typed tables) whose column no longer has a type it fills (`ALTER COLUMN ... TYPE`, `ALTER TYPE
+/// ... ALTER ATTRIBUTE ... CASCADE`) ends, with a WARNING (`watched::end`): doppler would
+/// otherwise read the column as a type it is not, or compare it through the owner's casts in every
+/// reader's session. Only the altered tables' watches are looked at: an ALTER of one role's
+/// table never touches another's.
+fn follow_type_changes() {
+    let altered: Vec<pg_sys::Oid> = as_catalog(extension_owner(), || {
+        Spi::get_one::<Vec<pg_sys::Oid>>(
+            "WITH RECURSIVE altered AS (
+                 SELECT DISTINCT c.objid AS relid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                 WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid),
+             tree(relid) AS (
+                 SELECT s.relid FROM (
+                     SELECT a.relid FROM altered a
+                     UNION  -- the typed tables of an altered composite type
+                     SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_class t
+                          ON c.reloftype OPERATOR(pg_catalog.=) t.reltype
+                     JOIN altered a ON t.oid OPERATOR(pg_catalog.=) a.relid
+                     WHERE t.relkind OPERATOR(pg_catalog.=) 'c') s
+                 UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent OPERATOR(pg_catalog.=) tree.relid)
+             SELECT pg_catalog.array_agg(w.relid::pg_catalog.oid) FROM doppler.watched w
+             WHERE w.relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT tree.relid FROM tree))",
+        )
+        .or_raise(|| "could not read the tables an ALTER changed".into())
+        .unwrap_or_default()
+    });
+    for relid in altered {
+        if let Some(w) = watched::load(relid) {
+            if let Some(misfit) = &w.misfit {
+                watched::end(&w, &format!("column {misfit}, not a type doppler fills"));
+            }
+        }
+    }
 }
 
 /// `pg_finfo_` record: version-1 calling convention for [`doppler_on_rename`].
@@ -374,8 +428,7 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
     if !has_rows || UNMARKING.with(|u| u.borrow().contains(&relid)) {
         return pg_sys::Datum::from(0usize);
     }
-    // the watch as it is now, the table locked as the statement that fired this has it
-    let Some(w) = watched::lock(relid, watched::FOR_WRITING, Wait::Wait) else {
+    let Some(w) = watched::load(relid) else {
         return pg_sys::Datum::from(0usize);
     };
     if w.mode != Mode::Sync {
@@ -399,7 +452,12 @@ pub unsafe extern "C-unwind" fn doppler_sync_trigger(
         })
         .or_raise(|| format!("could not read the new rows of {}", w.name))
     });
-    if !keys.is_empty() {
+    if keys.is_empty() {
+        return pg_sys::Datum::from(0usize);
+    }
+    // the watch as it is now, the table locked (as the statement that fired this has it), once
+    // for every batch of the statement's rows
+    if let Some(w) = watched::lock(relid, watched::FOR_WRITING, Wait::Wait) {
         fill_rows(&w, &keys);
     }
     pg_sys::Datum::from(0usize)

@@ -82,6 +82,19 @@ pub fn watch(args: &WatchArgs) -> String {
 fn plan<'a>(args: &'a WatchArgs<'a>) -> Plan<'a> {
     let table = owned_table(args.relid);
     let name = &table.name;
+    let temporary = Spi::get_one_with_args::<bool>(
+        "SELECT c.relpersistence OPERATOR(pg_catalog.=) 't' FROM pg_catalog.pg_class c
+         WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[args.relid.into()],
+    )
+    .or_raise(|| format!("could not read the catalog entry of {name}"));
+    if temporary == Some(true) {
+        raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{name} is a temporary table, which doppler does not watch"),
+            "A temporary table ends with its session, which no event reports: watch a regular or unlogged table, or call doppler.extract_features() on the rows.",
+        );
+    }
     if let Some(child) = foreign_child(args.relid, table.owner) {
         raise(
             Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -150,11 +163,22 @@ fn plan<'a>(args: &'a WatchArgs<'a>) -> Plan<'a> {
     }
 }
 
-/// `(type name, format_type, typmod)` of a column, if the table has it.
+/// `(type name, format_type, typmod)` of a column, if the table has it. The type name is bare
+/// only for PostgreSQL's own types and pgvector's `vector` and `halfvec` (`text`, `_float4`,
+/// `vector`), schema-qualified for any other (a type named `text` in another schema is not
+/// text): the same types `watched::MISFIT_SQL` accepts.
 fn column_type(relid: pg_sys::Oid, col: &str) -> Option<(String, String, i32)> {
     Spi::get_three_with_args::<String, String, i32>(
-        "SELECT t.typname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
+        "SELECT CASE WHEN t.typnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace
+                       OR (t.typname OPERATOR(pg_catalog.=) ANY ('{vector,halfvec}'::pg_catalog.name[])
+                           AND t.typnamespace OPERATOR(pg_catalog.=) ANY (
+                               SELECT e.extnamespace FROM pg_catalog.pg_extension e
+                               WHERE e.extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name))
+                     THEN t.typname::pg_catalog.text
+                     ELSE pg_catalog.format('%I.%I', n.nspname, t.typname) END,
+                pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.typnamespace
          WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped",
         &[relid.into(), col.into()],

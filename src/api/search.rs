@@ -156,12 +156,12 @@ fn search(
 ) -> Vec<(String, Option<String>, f64)> {
     let w = readable(relid);
     let filter_sql = filter.map(|f| filter_over(&w, f, "$3"));
-    let cosine = match Metric::from_arg(metric) {
-        Metric::L2 => false,
-        Metric::Cosine => true,
-        Metric::Hamming => raise(
+    let cosine = match Metric::parse(metric) {
+        Some(Metric::L2) => false,
+        Some(Metric::Cosine) => true,
+        _ => raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            "similar orders by l2 or cosine distance, not hamming",
+            format!("metric must be l2 or cosine, not \"{metric}\""),
             "",
         ),
     };
@@ -237,7 +237,7 @@ fn search(
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })
-    .or_raise(|| format!("doppler.similar on {}", w.name));
+    .or_raise(|| format!("could not search {}", w.name));
     restore_setting(before);
     found
 }
@@ -322,7 +322,7 @@ fn filter_over(w: &Watched, filter: &str, param: &str) -> String {
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         .map(Some)
     })
-    .or_raise(|| "doppler.similar: could not read the filter".into());
+    .or_raise(|| "could not read the filter of similar".into());
     let Some(keys) = keys else {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -521,7 +521,7 @@ fn _duplicates(
             Ok::<_, pgrx::spi::Error>(())
         })
     })
-    .or_raise(|| format!("doppler.duplicates on {}", w.name));
+    .or_raise(|| format!("could not read the hashes of {}", w.name));
     // exact groups by multi-index hashing (doppler_core::near: the same pairs as comparing all);
     // cancel and statement_timeout act while pairs are compared
     let groups = doppler_core::near::groups(&bits, max_bits.clamp(0, 64) as u32, &mut || {
@@ -720,7 +720,7 @@ fn _near_duplicates(
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })
-    .or_raise(|| format!("doppler.near_duplicates on {}", w.name));
+    .or_raise(|| format!("could not look up near duplicates in {}", w.name));
     restore_setting(before);
     let mut out: Vec<(String, Option<String>, String, i32)> = rows
         .into_iter()

@@ -3,6 +3,9 @@
 //! SELECT it. A table whose count fails (its owner's policy raises, say) shows NULL counts and a
 //! WARNING: it cannot take the view down for everyone.
 //!
+//! Reading the view never waits for a lock an owner holds, and runs no code of an owner's in the
+//! reader's session ([`countable`]): such a table shows NULL counts.
+//!
 //! `_counts` (0.2.0's view) scans the whole table. `_status` (the view since 0.3.0) scans only
 //! tables up to `doppler.status_exact_rows` rows; for larger ones it adds up:
 //! * total: the planner's row estimate (`pg_class.reltuples`, over partitions and children);
@@ -23,7 +26,7 @@ use pgrx::spi::quote_identifier;
 use crate::errors::{in_subtransaction, SpiOrRaise};
 use crate::gucs;
 use crate::privileged::{acts_as, as_owner, current_user};
-use crate::watched::{self, lock_for_reading, Watched};
+use crate::watched::{self, Watched};
 
 /// The watch of a table whose counts the caller may see: it owns the table, or may SELECT it
 /// with no row-level security in force for it (counted as the owner, the counts would include
@@ -40,6 +43,71 @@ fn visible_watch(relid: pg_sys::Oid) -> Option<Watched> {
         .flatten()
             == Some(true);
     visible.then_some(w)
+}
+
+/// Whether the counts of `w` can be read now without waiting and without running code of its
+/// owner's in this session (whatever such code changed, advisory locks, settings, would stay with
+/// the reader): the table, its partitions or children and their indexes are locked without
+/// waiting (a lock someone holds makes the counts unknown for now, not the view wait); every
+/// column the counts read is of a type doppler compares without calling anything
+/// (`Watched::misfit`); and, unless this session is the owner's own, they are all plain tables
+/// with no row-level security forced on the owner (its policies would run) and no index,
+/// constraint or statistics object over the owner's functions or operators (the planner runs
+/// index predicates and expressions as it plans).
+fn countable(w: &Watched) -> bool {
+    if w.misfit.is_some() {
+        return false;
+    }
+    // the table and its partitions or children, with their indexes (the planner locks those too);
+    // whether all are tables, whether row-level security is forced on the owner, and whether an
+    // index (its expression or predicate, which the planner evaluates), a constraint or an
+    // extended statistics object of any of them calls a function or operator that is not
+    // PostgreSQL's or an extension's (the owner's code)
+    let row = Spi::get_three_with_args::<Vec<pg_sys::Oid>, bool, bool>(
+        "WITH RECURSIVE tree(oid) AS (
+             SELECT $1::pg_catalog.oid
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent OPERATOR(pg_catalog.=) tree.oid),
+         objects(classid, objid) AS (
+             SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, x.indexrelid
+             FROM pg_catalog.pg_index x JOIN tree ON x.indrelid OPERATOR(pg_catalog.=) tree.oid
+             UNION ALL
+             SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass::pg_catalog.oid, k.oid
+             FROM pg_catalog.pg_constraint k JOIN tree ON k.conrelid OPERATOR(pg_catalog.=) tree.oid
+             UNION ALL
+             SELECT 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass::pg_catalog.oid, e.oid
+             FROM pg_catalog.pg_statistic_ext e JOIN tree ON e.stxrelid OPERATOR(pg_catalog.=) tree.oid)
+         SELECT (SELECT pg_catalog.array_agg(tree.oid) FROM tree)
+                    OPERATOR(pg_catalog.||) (SELECT pg_catalog.array_agg(x.indexrelid) FROM pg_catalog.pg_index x
+                                              JOIN tree ON x.indrelid OPERATOR(pg_catalog.=) tree.oid),
+                (SELECT c.relrowsecurity AND c.relforcerowsecurity FROM pg_catalog.pg_class c
+                 WHERE c.oid OPERATOR(pg_catalog.=) $1)
+                OR EXISTS (SELECT FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.oid
+                           WHERE c.relkind OPERATOR(pg_catalog.<>) ALL ('{r,p}'::pg_catalog.\"char\"[])),
+                EXISTS (SELECT FROM objects o JOIN pg_catalog.pg_depend d
+                             ON d.classid OPERATOR(pg_catalog.=) o.classid AND d.objid OPERATOR(pg_catalog.=) o.objid
+                        WHERE d.refclassid OPERATOR(pg_catalog.=) ANY (ARRAY['pg_catalog.pg_proc'::pg_catalog.regclass,
+                                                                            'pg_catalog.pg_operator'::pg_catalog.regclass]::pg_catalog.oid[])
+                          AND d.refobjid OPERATOR(pg_catalog.>=) 16384
+                          AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend m
+                                          WHERE m.classid OPERATOR(pg_catalog.=) d.refclassid
+                                            AND m.objid OPERATOR(pg_catalog.=) d.refobjid
+                                            AND m.deptype OPERATOR(pg_catalog.=) 'e'))",
+        &[w.relid.into()],
+    )
+    .unwrap_or((None, None, None));
+    let (Some(tree), Some(special), Some(owner_code)) = row else {
+        return false;
+    };
+    // SAFETY: a catalog lookup on the current user, in a transaction
+    let own = unsafe { pg_sys::is_member_of_role_nosuper(current_user(), w.owner) };
+    if (special || owner_code) && !own {
+        return false;
+    }
+    // (after the privilege checks: a role must not hold locks on tables it may not read)
+    tree.into_iter().all(|oid| unsafe {
+        // SAFETY: a lock on an oid that may not exist (any more) is harmless
+        pg_sys::ConditionalLockRelationOid(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+    })
 }
 
 #[pg_extern(stable, strict, parallel_restricted)]
@@ -60,8 +128,10 @@ fn _counts(
     let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
-    lock_for_reading(relid);
     let tag = w.spec().tag();
+    if !countable(&w) {
+        return TableIterator::once((None, None, None, None, tag));
+    }
     let (vec, src) = (
         quote_identifier(&w.vector_column),
         quote_identifier(&w.source_column),
@@ -91,7 +161,7 @@ fn _counts(
                 ])
             })
         })
-        .or_raise(|| format!("could not count the rows of {}", w.name))
+        .or_raise(|| "reading the counts".into())
     });
     let [total, done, skipped, stale] = counted.unwrap_or_else(|(_, msg)| {
         warning!("doppler: could not count the rows of {}: {msg}", w.name);
@@ -120,8 +190,10 @@ fn _status(
     let Some(w) = visible_watch(relid) else {
         return TableIterator::new(Vec::new());
     };
-    lock_for_reading(relid);
     let tag = w.spec().tag();
+    if !countable(&w) {
+        return TableIterator::once((None, None, None, None, tag, false));
+    }
     let src = format!("t.{}", quote_identifier(&w.source_column));
     let vec = format!("t.{}", quote_identifier(&w.vector_column));
     // to do: the pending index's rows (its predicate, so the planner takes it), and the rows
@@ -217,7 +289,7 @@ fn _status(
             let done = (total - todo - skipped - stale).max(0);
             Ok::<_, pgrx::spi::Error>([total.max(todo + stale), done, skipped, stale, 0])
         })
-        .or_raise(|| format!("could not count the rows of {}", w.name))
+        .or_raise(|| "reading the counts".into())
     });
     match counted {
         Ok([total, done, skipped, stale, exact]) => TableIterator::once((

@@ -153,17 +153,30 @@ fn select_due(
 /// that failed), locked. `$1` is the table's oid, `$3` the keys of [`Rows::Keys`].
 fn claim_sql(w: &Watched, tag: &str, rows: Rows, locked: Locked) -> String {
     let key = w.key_over("t");
-    let which = match (rows, &w.key_type) {
+    // (the rows' narrowing first, as the pending index's predicate, so that the planner proves
+    // it; a key list last)
+    let (narrow, keys) = match (rows, &w.key_type) {
         // one-column key: compared in its own type, so that its index serves
-        (Rows::Keys(_), Some(ty)) => format!(
-            "{} = ANY ($3::pg_catalog.text[]::{ty}[])",
-            w.col("t", &w.key_columns[0])
+        (Rows::Keys(_), Some(ty)) => (
+            String::new(),
+            format!(
+                " AND {} = ANY ($3::pg_catalog.text[]::{ty}[])",
+                w.col("t", &w.key_columns[0])
+            ),
         ),
-        (Rows::Keys(_), None) => format!("{key} = ANY ($3::pg_catalog.text[])"),
-        (Rows::Pending, _) => w.pending_index_over("t"),
-        (Rows::OutsidePending, _) => {
-            format!("NOT {} AND {}", w.pending_over("t"), w.unheld_over("t"))
-        }
+        (Rows::Keys(_), None) => (
+            String::new(),
+            format!(" AND {key} = ANY ($3::pg_catalog.text[])"),
+        ),
+        (Rows::Pending, _) => (format!("{} AND ", w.pending_index_over("t")), String::new()),
+        (Rows::OutsidePending, _) => (
+            format!(
+                "NOT {} AND {} AND ",
+                w.pending_over("t"),
+                w.unheld_over("t")
+            ),
+            String::new(),
+        ),
     };
     let hash = match &w.hash_column {
         Some(h) => format!("{}::pg_catalog.text", w.col("t", h)),
@@ -172,7 +185,7 @@ fn claim_sql(w: &Watched, tag: &str, rows: Rows, locked: Locked) -> String {
     format!(
         "SELECT t.ctid::pg_catalog.text, t.tableoid, {key}, {src}, {shown}, {hash}, {current}
          FROM {table} t
-         WHERE {which} AND {todo} AND {src} IS NOT NULL
+         WHERE {narrow}{todo} AND {src} IS NOT NULL{keys}
            AND NOT EXISTS (SELECT FROM doppler.failures f
                            WHERE f.relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass
                              AND f.row_key OPERATOR(pg_catalog.=) {key}

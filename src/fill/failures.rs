@@ -198,7 +198,10 @@ pub fn log_batch(
         via.as_str().into(),
         (report.deduped as i32).into(),
     ];
-    let sql = if Installed::get().is_some_and(Installed::has_phase_columns) {
+    let phase_columns = as_catalog(catalog_role, || {
+        Installed::get().is_some_and(Installed::has_phase_columns)
+    });
+    let sql = if phase_columns {
         let phases = [
             phases.claim,
             st.read,

@@ -1,6 +1,7 @@
 //! Which version of doppler's SQL objects this database has. The library serves databases whose
 //! `ALTER EXTENSION doppler UPDATE` has not run yet (README, Upgrading): the few places where an
-//! older catalog differs ask [`Installed`], which reads `pg_extension` once per transaction.
+//! older catalog differs ask [`Installed`], which reads `pg_extension` once per transaction (and
+//! again in a subtransaction: a savepoint's rollback may take an update with it).
 
 use std::cell::Cell;
 
@@ -12,8 +13,9 @@ use pgrx::{register_xact_callback, PgXactCallbackEvent};
 pub struct Installed(u32, u32, u32);
 
 thread_local! {
-    /// This transaction's answer (cleared when it ends).
-    static CACHED: Cell<Option<Option<Installed>>> = const { Cell::new(None) };
+    /// The answer, with the subtransaction that read it (cleared when the transaction ends):
+    /// an `ALTER EXTENSION doppler UPDATE` rolled back to a savepoint takes its answer with it.
+    static CACHED: Cell<Option<(pg_sys::SubTransactionId, Option<Installed>)>> = const { Cell::new(None) };
 }
 
 impl Installed {
@@ -21,8 +23,12 @@ impl Installed {
     /// transaction: an `ALTER EXTENSION doppler UPDATE` in the middle of a transaction is seen by
     /// its next one.
     pub fn get() -> Option<Installed> {
-        if let Some(v) = CACHED.with(Cell::get) {
-            return v;
+        // SAFETY: in a transaction (every caller is)
+        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        if let Some((read_in, v)) = CACHED.with(Cell::get) {
+            if read_in == sub {
+                return v;
+            }
         }
         let v = Spi::get_one::<String>(
             "SELECT e.extversion FROM pg_catalog.pg_extension e
@@ -31,11 +37,13 @@ impl Installed {
         .ok()
         .flatten()
         .map(|s| Installed::parse(&s));
-        CACHED.with(|c| c.set(Some(v)));
-        let clear = || CACHED.with(|c| c.set(None));
-        register_xact_callback(PgXactCallbackEvent::Commit, clear);
-        register_xact_callback(PgXactCallbackEvent::Abort, clear);
-        register_xact_callback(PgXactCallbackEvent::Prepare, clear);
+        let first = CACHED.with(|c| c.replace(Some((sub, v)))).is_none();
+        if first {
+            let clear = || CACHED.with(|c| c.set(None));
+            register_xact_callback(PgXactCallbackEvent::Commit, clear);
+            register_xact_callback(PgXactCallbackEvent::Abort, clear);
+            register_xact_callback(PgXactCallbackEvent::Prepare, clear);
+        }
         v
     }
 
@@ -64,6 +72,11 @@ impl Installed {
     /// doppler.batches has the per-phase columns (`claim_s` ... `write_s`, 0.5.0).
     pub fn has_phase_columns(self) -> bool {
         self >= Installed(0, 5, 0)
+    }
+
+    /// doppler.watched has `overruns` and `backoff_until` (0.8.0).
+    pub fn has_overruns(self) -> bool {
+        self >= Installed(0, 8, 0)
     }
 
     /// The stale-clearing trigger function is 0.1.0's PL/pgSQL one, which takes the derived

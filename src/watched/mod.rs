@@ -18,7 +18,7 @@ pub mod sql;
 
 use pgrx::prelude::*;
 
-use crate::errors::{raise, Code, SpiOrRaise};
+use crate::errors::{raise, warn, Code, SpiOrRaise};
 use crate::privileged::{as_catalog, extension_owner};
 use crate::session;
 pub use kinds::{Mode, OnError, SourceKind, VectorKind};
@@ -55,6 +55,13 @@ pub struct Watched {
     pub model_column: String,
     /// For which model tag the last scan for outdated vectors found none; None: scan again.
     pub stale_scan: Option<String>,
+    /// The columns whose type no longer fits the watch (`"pic" is integer`), if any: doppler then
+    /// reads nothing of the table (see [`MISFIT_SQL`]).
+    pub misfit: Option<String>,
+    /// Worker batches of this table in a row that overran `doppler.worker_batch_timeout`.
+    pub overruns: i32,
+    /// Whether the worker leaves the table alone for now, after an overrun (`backoff_until`).
+    pub backed_off: bool,
 }
 
 /// What the model column holds in a row that doppler holds back: its image failed, or its hash
@@ -77,7 +84,11 @@ const WATCHED_SQL: &str = "
                AND pg_catalog.cardinality(w.key_columns) OPERATOR(pg_catalog.=) 1),
            w.mode, w.on_error, w.hash_column::pg_catalog.text, w.dedup,
            w.model, w.model_column::pg_catalog.text,
-           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'stale_scan'
+           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'stale_scan',
+           (MISFIT),
+           coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'overruns')::pg_catalog.int4, 0),
+           coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'backoff_until')::pg_catalog.timestamptz
+                    OPERATOR(pg_catalog.>) pg_catalog.now(), false)
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -85,6 +96,36 @@ const WATCHED_SQL: &str = "
          AND va.attname OPERATOR(pg_catalog.=) w.vector_column AND NOT va.attisdropped
     LEFT JOIN pg_catalog.pg_type vt ON vt.oid OPERATOR(pg_catalog.=) va.atttypid
     LEFT JOIN pg_catalog.pg_namespace vn ON vn.oid OPERATOR(pg_catalog.=) vt.typnamespace";
+
+/// The columns of watch `w` (over `pg_class c`) whose type does not fit it any more, as text, or
+/// NULL: the source a text, varchar or bytea as watched, the vector real[] or pgvector's own
+/// vector or halfvec as watched, the hash text or varchar of 16 or more, the model tag text, all
+/// PostgreSQL's own types (a type of the same name in another schema is not one). With these, the
+/// statements doppler runs over the table (claims, counts) call no code of the owner's types.
+/// The event trigger that follows ALTER TABLE ends a watch that stops fitting (`triggers.rs`).
+pub const MISFIT_SQL: &str = "
+    SELECT pg_catalog.string_agg(pg_catalog.format('%I is %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)),
+                                 ', ' ORDER BY a.attnum)
+    FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+      AND ((a.attname OPERATOR(pg_catalog.=) w.source_column
+            AND a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.<>) ALL (
+                CASE WHEN w.source_kind OPERATOR(pg_catalog.=) 'bytea' THEN '{pg_catalog.bytea}'
+                     ELSE '{pg_catalog.text,pg_catalog.varchar}' END::pg_catalog.regtype[]))
+        OR (a.attname OPERATOR(pg_catalog.=) w.model_column
+            AND a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.<>) 'pg_catalog.text'::pg_catalog.regtype)
+        OR (a.attname OPERATOR(pg_catalog.=) w.hash_column
+            AND (a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.<>) ALL ('{pg_catalog.text,pg_catalog.varchar}'::pg_catalog.regtype[])
+                 OR a.atttypmod OPERATOR(pg_catalog.>=) 4 AND a.atttypmod OPERATOR(pg_catalog.<) 20))
+        OR (a.attname OPERATOR(pg_catalog.=) w.vector_column AND NOT EXISTS (
+                SELECT FROM pg_catalog.pg_type t
+                WHERE t.oid OPERATOR(pg_catalog.=) a.atttypid
+                  AND CASE WHEN w.vector_kind OPERATOR(pg_catalog.=) 'real[]'
+                           THEN t.oid::pg_catalog.regtype OPERATOR(pg_catalog.=) 'pg_catalog.float4[]'::pg_catalog.regtype
+                           ELSE t.typname OPERATOR(pg_catalog.=) w.vector_kind::pg_catalog.name
+                                AND t.typnamespace OPERATOR(pg_catalog.=) ANY (
+                                    SELECT e.extnamespace FROM pg_catalog.pg_extension e
+                                    WHERE e.extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name) END)))";
 
 /// The watch of `relid`, if it is watched. Read as the extension owner: the catalog is visible
 /// to each role only for its own tables, and the sync trigger runs as whoever writes the table.
@@ -120,114 +161,55 @@ pub fn load_or_raise(relid: pg_sys::Oid, hint: &str) -> Watched {
 }
 
 fn read(sql: &str, args: Vec<pgrx::datum::DatumWithOid>) -> Vec<Watched> {
-    let rows = as_catalog(extension_owner(), || {
+    let sql = sql.replacen("(MISFIT)", &format!("({MISFIT_SQL})"), 1);
+    as_catalog(extension_owner(), || {
         Spi::connect(|client| {
-            let rows = client.select(sql, None, &args)?;
+            let rows = client.select(&sql, None, &args)?;
             let mut out = Vec::new();
             for r in rows {
-                out.push(Row {
+                let name: String = r.get(2)?.unwrap_or_default();
+                out.push(Watched {
                     relid: r.get(1)?.unwrap_or(pg_sys::InvalidOid),
-                    name: r.get(2)?.unwrap_or_default(),
                     owner: r.get(3)?.unwrap_or(pg_sys::InvalidOid),
                     source_column: r.get(4)?.unwrap_or_default(),
-                    source_kind: r.get(5)?.unwrap_or_default(),
+                    source_kind: closed(SourceKind::parse, r.get(5)?, "source_kind", &name),
                     vector_column: r.get(6)?.unwrap_or_default(),
-                    vector_kind: r.get(7)?.unwrap_or_default(),
+                    vector_kind: closed(VectorKind::parse, r.get(7)?, "vector_kind", &name),
                     vector_type: r.get(8)?.unwrap_or_else(|| "real[]".into()),
                     vector_schema: r.get(9)?.unwrap_or_else(|| "pg_catalog".into()),
                     key_columns: r.get::<Vec<String>>(10)?.unwrap_or_default(),
                     batch_size: r.get(11)?.unwrap_or(32),
                     key_type: r.get(12)?,
-                    mode: r.get(13)?.unwrap_or_default(),
-                    on_error: r.get(14)?.unwrap_or_default(),
+                    mode: closed(Mode::parse, r.get(13)?, "mode", &name),
+                    on_error: closed(OnError::parse, r.get(14)?, "on_error", &name),
                     hash_column: r.get(15)?,
                     dedup: r.get(16)?.unwrap_or(false),
                     model: r.get(17)?.unwrap_or_default(),
                     model_column: r.get(18)?.unwrap_or_default(),
                     stale_scan: r.get(19)?,
+                    misfit: r.get(20)?,
+                    overruns: r.get(21)?.unwrap_or(0),
+                    backed_off: r.get(22)?.unwrap_or(false),
+                    name,
                 });
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
         .or_raise(|| "could not read doppler.watched".into())
-    });
-    rows.into_iter().map(Row::typed).collect()
+    })
 }
 
-/// A row of doppler.watched as text, before its closed sets are parsed.
-struct Row {
-    relid: pg_sys::Oid,
-    name: String,
-    owner: pg_sys::Oid,
-    source_column: String,
-    source_kind: String,
-    vector_column: String,
-    vector_kind: String,
-    vector_type: String,
-    vector_schema: String,
-    key_columns: Vec<String>,
-    key_type: Option<String>,
-    batch_size: i32,
-    mode: String,
-    on_error: String,
-    hash_column: Option<String>,
-    dedup: bool,
-    model: String,
-    model_column: String,
-    stale_scan: Option<String>,
-}
-
-impl Row {
-    /// The watch with its closed sets parsed; doppler.watched's CHECK constraints allow no other
-    /// words, so another is a damaged catalog (XX001).
-    fn typed(self) -> Watched {
-        fn word<T>(v: Option<T>, column: &str, word: &str, table: &str) -> T {
-            v.unwrap_or_else(|| {
-                raise(
-                    Code::ERRCODE_DATA_CORRUPTED,
-                    format!("doppler.watched has {column} \"{word}\" for {table}"),
-                    "doppler.watched's CHECK constraints allow no such value: was it altered?",
-                )
-            })
-        }
-        let name = &self.name;
-        Watched {
-            source_kind: word(
-                SourceKind::parse(&self.source_kind),
-                "source_kind",
-                &self.source_kind,
-                name,
-            ),
-            vector_kind: word(
-                VectorKind::parse(&self.vector_kind),
-                "vector_kind",
-                &self.vector_kind,
-                name,
-            ),
-            mode: word(Mode::parse(&self.mode), "mode", &self.mode, name),
-            on_error: word(
-                OnError::parse(&self.on_error),
-                "on_error",
-                &self.on_error,
-                name,
-            ),
-            relid: self.relid,
-            name: self.name,
-            owner: self.owner,
-            source_column: self.source_column,
-            vector_column: self.vector_column,
-            vector_type: self.vector_type,
-            vector_schema: self.vector_schema,
-            key_columns: self.key_columns,
-            key_type: self.key_type,
-            batch_size: self.batch_size,
-            hash_column: self.hash_column,
-            dedup: self.dedup,
-            model: self.model,
-            model_column: self.model_column,
-            stale_scan: self.stale_scan,
-        }
-    }
+/// The value of a closed set's word in `column` of a row of doppler.watched; its CHECK
+/// constraints allow no other words, so another is a damaged catalog (XX001).
+fn closed<T>(parse: fn(&str) -> Option<T>, word: Option<String>, column: &str, table: &str) -> T {
+    let word = word.unwrap_or_default();
+    parse(&word).unwrap_or_else(|| {
+        raise(
+            Code::ERRCODE_DATA_CORRUPTED,
+            format!("doppler.watched has {column} \"{word}\" for {table}"),
+            "doppler.watched's CHECK constraints allow no such value: was it altered?",
+        )
+    })
 }
 
 /// Whether [`lock`] waits for a table someone else holds locked.
@@ -262,7 +244,45 @@ pub fn lock(relid: pg_sys::Oid, mode: pg_sys::LOCKMODE, wait: Wait) -> Option<Wa
             "doppler works on a table as its owner only: give the partitions the parent's owner, or watch each one.",
         );
     }
+    if let Some(misfit) = &w.misfit {
+        let why = format!("column {misfit}, not a type doppler fills");
+        match wait {
+            // (a watch from before type changes were followed: the worker ends it)
+            Wait::Skip => {
+                end(&w, &why);
+                return None;
+            }
+            Wait::Wait => raise(
+                Code::ERRCODE_DATATYPE_MISMATCH,
+                format!("doppler cannot fill {}: its {why}", w.name),
+                "Watch the table again (doppler.watch) with columns of the types it fills, or doppler.unwatch it.",
+            ),
+        }
+    }
     Some(w)
+}
+
+/// Ends the watch of `w`, with a WARNING saying why: its rows of doppler's catalog go (as the
+/// extension owner), as when the table loses a column doppler uses. The table's triggers stay,
+/// and do nothing without a watch, until `watch` or `unwatch`.
+pub fn end(w: &Watched, why: &str) {
+    warn(
+        Code::ERRCODE_WARNING,
+        format!("doppler no longer watches {}: its {why}", w.name),
+        "Call doppler.watch() again with columns of the types it fills, or doppler.unwatch() to remove its triggers.",
+    );
+    as_catalog(extension_owner(), || {
+        for table in ["watched", "failures", "batches"] {
+            Spi::run_with_args(
+                &format!(
+                    "DELETE FROM doppler.{table}
+                     WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1"
+                ),
+                &[w.relid.into()],
+            )
+            .or_raise(|| format!("could not end the watch of {}", w.name));
+        }
+    });
 }
 
 /// ROW EXCLUSIVE: the lock of a batch, which updates the table.

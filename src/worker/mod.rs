@@ -9,9 +9,10 @@
 //! (shared catalogs only), says so once in the log and looks the database up every
 //! [`MISSING_RECHECK`] (a catalog read, no connection attempt) until it can connect.
 
+mod pass;
+mod timeout;
 mod wake;
 
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,9 +24,8 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 use std::sync::atomic::AtomicU64;
 
-use crate::fill::{self, Via};
 use crate::gucs;
-use crate::watched::{self, installed::Installed, Wait};
+use crate::watched::installed::{self, Installed};
 pub use wake::{wake, wake_pids, worker_pids};
 
 /// The `backend_type` of doppler workers in `pg_stat_activity`.
@@ -45,6 +45,7 @@ pub fn register() {
         return;
     }
     pg_shmem_init!(MISSING);
+    timeout::register();
     // (workers past the 64th are not remembered: a missing database costs them a FATAL per start)
     for (slot, db) in gucs::worker_databases().iter().enumerate() {
         BackgroundWorkerBuilder::new(&format!("doppler worker for database {db}"))
@@ -80,9 +81,11 @@ pub extern "C-unwind" fn doppler_worker_main(arg: pg_sys::Datum) {
     // its statements.
     crate::privileged::pin_session_search_path();
     log!("doppler worker started in database \"{db}\"");
-    let mut busy = false;
-    let mut last_prune = Instant::now();
-    let mut totals: HashMap<pg_sys::Oid, (i64, i64)> = HashMap::new();
+    timeout::init();
+    let mut passes = pass::Passes::new(arg.value());
+    // (a first pass at once: rows may have waited for this worker, e.g. one that ended in a batch)
+    let mut busy = true;
+    let mut last_prune: Option<Instant> = None;
     loop {
         // Sleep only when the last pass found nothing to do; SIGTERM ends the loop either way.
         let naptime = Duration::from_millis(gucs::WORKER_NAPTIME.get() as u64);
@@ -99,12 +102,10 @@ pub extern "C-unwind" fn doppler_worker_main(arg: pg_sys::Datum) {
                 gucs::WORKER_NAPTIME.get()
             );
         }
-        busy = one_pass(&mut totals);
-        if last_prune.elapsed() > Duration::from_secs(600) {
-            in_transaction("pruning doppler.batches", || {
-                Spi::run("DELETE FROM doppler.batches WHERE finished_at < now() - interval '1 day'")
-            });
-            last_prune = Instant::now();
+        busy = pass::one_pass(&mut passes);
+        if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(600)) {
+            pass::prune();
+            last_prune = Some(Instant::now());
         }
     }
     report("doppler: stopping");
@@ -175,62 +176,12 @@ fn database_ready(db: &str) -> bool {
     }
 }
 
-/// One batch of every watched table (highest priority first). True when any row was claimed.
-fn one_pass(totals: &mut HashMap<pg_sys::Oid, (i64, i64)>) -> bool {
-    let tables = in_transaction("reading doppler.watched", || {
-        let installed = Installed::get()?;
-        check_version(installed);
-        Some(watched::load_all())
-    })
-    .flatten();
-    let Some(tables) = tables else {
-        report("doppler: waiting for CREATE EXTENSION doppler");
-        return false;
-    };
-    let mut claimed = false;
-    for listed in tables {
-        if stopping() {
-            break;
-        }
-        report(&format!("doppler: filling {}", listed.name));
-        let batch = in_transaction(&format!("filling {}", listed.name), || {
-            with_batch_timeout(|| {
-                // the watch as it is now, the table locked (skipped while someone holds it)
-                let w = watched::lock(listed.relid, watched::FOR_WRITING, Wait::Skip)?;
-                Some(fill::run(&w, w.batch_size as i64, Via::Worker, None, false))
-            })
-        });
-        if let Some(Some(r)) = batch {
-            if r.claimed == 0 {
-                continue;
-            }
-            claimed = true;
-            let t = totals.entry(listed.relid).or_default();
-            t.0 += r.filled;
-            t.1 += r.failed;
-            report(&format!(
-                "doppler: {}.{} +{} ({} filled, {} failed since start)",
-                listed.name, listed.vector_column, r.filled, t.0, t.1
-            ));
-            debug1!(
-                "doppler: {}: {} filled, {} failed in {:.2}s",
-                listed.name,
-                r.filled,
-                r.failed,
-                r.seconds
-            );
-        }
-    }
-    report("doppler: idle");
-    claimed
-}
-
 /// Says once (per worker process) when the database's doppler SQL objects are of another
 /// version than this library: the binaries were upgraded and `ALTER EXTENSION doppler UPDATE`
 /// has not run yet. The worker goes on (the update scripts keep the tables' shape).
 fn check_version(installed: Installed) {
     static WARNED: AtomicBool = AtomicBool::new(false);
-    let library = watched::installed::library();
+    let library = installed::library();
     if installed != library && !WARNED.swap(true, Ordering::SeqCst) {
         warning!(
             "doppler's SQL objects in this database are version {}, its library is {}: run ALTER EXTENSION doppler UPDATE",
@@ -238,13 +189,6 @@ fn check_version(installed: Installed) {
             library.text()
         );
     }
-}
-
-// utils/timeout.h (not in pgrx's bindings): STATEMENT_TIMEOUT is 3 in PostgreSQL 15 to 18.
-const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
-unsafe extern "C-unwind" {
-    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
-    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
 }
 
 /// lock.h's USER_LOCKMETHOD: advisory locks.
@@ -259,20 +203,6 @@ fn stopping() -> bool {
         STOP.store(true, Ordering::SeqCst);
     }
     STOP.load(Ordering::SeqCst)
-}
-
-/// Runs `f` under `doppler.worker_batch_timeout`: table owners' code runs in a batch, and a
-/// sleep or a lock wait there must not stall the other tables. The timer is the one behind
-/// statement_timeout (which SPI in a background worker never arms); code inside cannot disarm it.
-fn with_batch_timeout<R>(f: impl FnOnce() -> R) -> R {
-    let ms = gucs::WORKER_BATCH_TIMEOUT.get();
-    if ms > 0 {
-        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
-    }
-    // On ERROR the abort path of in_transaction disarms it (below).
-    let r = f();
-    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
-    r
 }
 
 /// Runs `f` in its own transaction. A Postgres ERROR inside is logged and the transaction rolled
@@ -300,7 +230,6 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
     })
     .execute();
     unsafe {
-        disable_timeout(STATEMENT_TIMEOUT, false);
         if result.is_some() {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
@@ -312,6 +241,8 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R) -> Option<R> {
         // not leave one held by the worker (what pg_advisory_unlock_all() does).
         pg_sys::LockReleaseSession(USER_LOCKMETHOD);
     }
+    // (after the commit, which the batch timeout covers too)
+    timeout::disarm();
     result
 }
 
