@@ -1,7 +1,9 @@
 //! The background worker: one per database named in `doppler.worker_databases`, registered at
 //! server start (doppler in `shared_preload_libraries`) and restarted by the postmaster if it
 //! dies. It waits for the extension to exist in its database, then fills watched tables batch by
-//! batch, one transaction per batch, sleeping on its latch when there is nothing to do.
+//! batch, one transaction per batch, sleeping on its latch when there is nothing to do. A pass is
+//! fair between table owners (`pass.rs`), and a batch's timeout is one no owner code can catch
+//! (`timeout.rs`).
 //!
 //! A database that does not exist (yet): connecting to it is a FATAL, and the postmaster would
 //! start the worker again every 5 s, each time with a FATAL in the log. Instead the failed start
