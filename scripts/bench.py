@@ -12,6 +12,8 @@ same generated images (mixed sizes 200×150 … 4000×3000, JPEG and PNG), same 
      cold first call in a new backend;
   5. the worker's peak RSS (VmHWM).
 And the writer-side costs of the trigger modes: INSERT into an async-watched vs unwatched table; sync COPY vs fill.
+Sections of their own (`scripts/bench claims|scale|concurrency|urls`); `urls`: fill from URLs served by
+scripts/imageweb.py (8 loopback hosts, 0/50/200 ms per response) against fill from the same files.
 """
 import argparse
 import io
@@ -19,8 +21,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "integration"))
 os.environ.setdefault("DOPPLER_IT_PG", "pg18")
 from conftest import DEPS, MODELS, Cluster  # noqa: E402
+from imageweb import ImageWeb  # noqa: E402  (scripts/imageweb.py)
 
 MODELS_UNDER_TEST = {
     # name: (file, dim, divisor, mean, std)
@@ -753,6 +758,164 @@ def concurrency_costs(c, photos, clients=(1, 4, 16, 32), threads=None):
     return out
 
 
+URLS_HEAD = "## Images from the web (URL fill ÷ file fill)"
+URL_SETTINGS = ("doppler.url_max_in_flight", "doppler.url_max_per_host", "doppler.url_host_rate",
+                "doppler.url_prefetch_bytes", "doppler.url_timeout", "doppler.url_connect_timeout",
+                "doppler.decode_threads")
+
+
+def free_model(dest):
+    """A model that costs nothing: the mean of each channel (ReduceMean over H and W), padded to 8 features. With it a
+    fill's rate is that of fetching, decoding and writing alone."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
+             helper.make_node("Pad", ["mean", "pads"], ["features"])]
+    pads = helper.make_tensor("pads", TensorProto.INT64, [4], [0, 0, 0, 5])
+    graph = helper.make_graph(nodes, "doppler-free", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8])], [pads])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="doppler-bench")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = os.path.join(dest, "free.onnx")
+    onnx.save(model, path)
+    os.chmod(path, 0o644)
+    return path
+
+
+def fill_once(db, name, sources, model, batch):
+    """A fresh manual-mode table of `sources`, CALL doppler.fill on it: (rows filled, seconds)."""
+    table(db, name, sources, model, "manual", batch)
+    with db.cursor() as cur:
+        cur.executemany(f"INSERT INTO {name} (id, f_img) VALUES (%s, %s)", list(enumerate(sources)))
+    t0 = time.perf_counter()
+    db.execute(f"CALL doppler.fill('{name}')")
+    secs = time.perf_counter() - t0
+    return db.execute(f"SELECT count(features) FROM {name}").fetchone()[0], secs
+
+
+def url_costs(c, web, memes, rows_n, batch, reps, models=("efficientnet_lite0", "free"), latencies=(0, 0.05, 0.2),
+              budget_s=60, short=240):
+    """CALL doppler.fill on `rows_n` meme images (the set cycled) as URLs, spread round-robin over the web's hosts,
+    against the same images as paths, at each latency; and on `short` rows at the highest latency (the issue's
+    first measurement: there one latency, which no fill can hide, weighs more). Each repetition in a new backend (so
+    that the web's count of new connections is that of one fill from a cold start): the file fill, then the URL fill;
+    best of `reps` each, fewer when the fills of one measurement would pass `budget_s`. Then one more URL fill in the
+    last repetition's backend, for the connections a backend's next fill opens."""
+    cases = [(rows_n, lat) for lat in latencies] + ([(short, max(latencies))] if short and short != rows_n else [])
+    tmp = tempfile.mkdtemp(prefix="doppler-bench-")
+    os.chmod(tmp, 0o755)
+    res = {}
+    try:
+        with c.connect("bench") as db:
+            db.execute("SELECT doppler.register_model('free', %s, dim => 8)", (free_model(tmp),))
+            settings = dict(db.execute("SELECT name, setting || coalesce(unit, '') FROM pg_settings "
+                                       "WHERE name = ANY(%s)", (list(URL_SETTINGS),)).fetchall())
+        for model in models:
+            for rows, lat in cases:
+                files = [memes[i % len(memes)] for i in range(rows)]
+                urls = [web.url(os.path.basename(p), i) for i, p in enumerate(files)]
+                web.latency = lat
+                print(f"urls: {model}, {rows} rows, {lat * 1000:.0f} ms ...", flush=True)
+                best_file, best_url, spent, db = (0.0, 0), (0.0, 0, None, None), 0.0, None
+                for rep in range(reps):
+                    if db is not None:
+                        db.close()
+                    db = c.connect("bench")
+                    db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (files[0],))  # session warm
+                    n_file, secs = fill_once(db, "files", files, model, batch)
+                    best_file = max(best_file, (n_file / secs, n_file))
+                    web.reset()
+                    n, url_secs = fill_once(db, "urls", urls, model, batch)
+                    stats = web.stats()
+                    if n / url_secs > best_url[0]:
+                        best_url = (n / url_secs, n, stats, stages_of(db, "urls"))
+                    spent += secs + url_secs
+                    print(f"  rep {rep + 1}: file {n_file / secs:.1f}/s, URL {n / url_secs:.1f}/s ({n} rows), "
+                          f"{stats['requests']} requests, {stats['connections']} new connections, peak per host "
+                          f"{stats['max_peak_per_host']}", flush=True)
+                    if spent + secs + url_secs > budget_s:
+                        break
+                web.reset()
+                n, again_secs = fill_once(db, "urls", urls, model, batch)
+                again = dict(web.stats(), rate=n / again_secs)
+                db.close()
+                res[(model, rows, lat)] = dict(file=best_file[0], file_n=best_file[1], url=best_url[0], url_n=best_url[1],
+                                         stats=best_url[2], stages=best_url[3], reps=rep + 1, again=again)
+                print({k: v for k, v in res[(model, rows, lat)].items() if k not in ("stats", "again")},
+                      f"next fill: {again['rate']:.1f}/s, {again['requests']} requests, {again['connections']} new "
+                      "connections", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    shown = ", ".join(f"`{k}` = {settings[k]}" for k in URL_SETTINGS if k in settings)
+    missing = [k for k in URL_SETTINGS if k not in settings]
+    out = (f"{URLS_HEAD}\n\nCommand: `scripts/bench urls` (= `python scripts/bench.py urls --url-rows {rows_n} --images {short} --reps "
+           f"{reps}`), {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu_model()}. {rows_n} rows (and "
+           f"{short} at {max(latencies) * 1000:.0f} ms): the {len(memes)} meme images (300–800 px, five formats) cycled, served by `scripts/imageweb.py` (Python "
+           f"asyncio, one event-loop thread, HTTP/1.1 keep-alive, bodies cached in memory) from {len(web.hosts)} loopback addresses ({web.hosts[0]} … "
+           f"{web.hosts[-1]}, one port; `doppler.allow_urls` = on, `doppler.url_allowed_networks` = '{web.networks}'), "
+           "each response delayed by the latency; the rows' URLs spread round-robin over the hosts. `CALL doppler.fill` "
+           f"on a fresh manual-mode table (`batch_size` {4 * batch}), in a new backend each repetition: a table of the "
+           "images as server paths, then the table of their URLs; best of "
+           f"{reps} each (fewer where one measurement's fills passed {budget_s} s: column reps); images/s = filled rows "
+           "÷ the CALL's seconds. Models: `efficientnet_lite0` and `free`, an ONNX model that costs nothing (ReduceMean "
+           "over H, W, padded to 8 features): fetching, decoding and writing alone. Settings: doppler's defaults but "
+           f"`doppler.url_timeout` (60 s); in effect: {shown}"
+           + (f" ({', '.join(f'`{k}`' for k in missing)}: not in this build)" if missing else "") +
+           ". The server's counts are those of the best URL fill: requests "
+           "(every answer), TCP connections accepted (new connections: a new backend has none open), the most "
+           "requests one host had in flight at once; and one more URL fill in the same backend (its next fill, "
+           "connections kept). Ceiling: the best URL ÷ file a fill can reach when nothing arrives before one latency "
+           "has passed, file time ÷ (file time + latency).\n\n"
+           "| model | rows | latency | file fill, images/s | URL fill, images/s | URL ÷ file | ceiling | requests | new "
+           "connections | requests per new connection | max in flight per host | next fill: images/s, requests, new "
+           "connections | reps | target (issue 29, 200 ms) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+    checks = []
+    for model in models:
+        for rows, lat in cases:
+            r, s = res[(model, rows, lat)], res[(model, rows, lat)]["stats"]
+            a = r["again"]
+            per_conn = s["requests"] / s["connections"] if s["connections"] else math.inf
+            target = "–"
+            if lat == max(latencies) and rows == rows_n:
+                ratio_ok = r["url"] / r["file"] >= 0.90 if model == "efficientnet_lite0" else r["url"] >= 100
+                mine = [("URL ÷ file ≥ 0.90×" if model == "efficientnet_lite0" else "≥ 100 images/s", ratio_ok),
+                        ("peak ≤ 8", s["max_peak_per_host"] <= 8), ("≥ 4 per connection", per_conn >= 4)]
+                target = "; ".join(f"{label}: {verdict(ok)}" for label, ok in mine)
+                checks += [(f"`{model}` {label}", ok) for label, ok in mine]
+            failed = f" ({r['url_n']} of {rows} filled)" if r["url_n"] < rows else ""
+            file_s = rows / r["file"]
+            out += (f"| {model} | {rows} | {lat * 1000:.0f} ms | {r['file']:.1f} | {r['url']:.1f}{failed} | "
+                    f"{r['url'] / r['file']:.2f}× | {file_s / (file_s + lat):.2f}× | {s['requests']} | "
+                    f"{s['connections']} | {per_conn:.1f} | {s['max_peak_per_host']} | {a['rate']:.1f}, "
+                    f"{a['requests']}, {a['connections']} | {r['reps']} | {target} |\n")
+    met = [label for label, ok in checks if ok]
+    missed = [label for label, ok in checks if not ok]
+    out += f"\nAt {max(latencies) * 1000:.0f} ms per response and {rows_n} rows, the targets of issue 29: "
+    out += ("all met. " if not missed else "all **missed**. " if not met else
+            f"met: {', '.join(met)}; **missed**: {', '.join(missed)}. ")
+    if "doppler.url_max_per_host" in settings:
+        per_host = int(settings["doppler.url_max_per_host"])
+        out += (f"{short} rows over {len(web.hosts)} hosts: a new backend, which may open `doppler.url_max_per_host` "
+                f"({per_host}) connections to each host, could make as few as "
+                f"{max(1.0, short / (len(web.hosts) * per_host)):.2f} requests per connection in its first fill; "
+                "`doppler.url_max_in_flight` bounds the connections of all hosts together. ")
+    out += ("Where the best URL fill's time went (ms per row from `doppler.batches`; read: the decode threads' time "
+            "reading or fetching the sources, overlapping the rest):\n\n"
+            "| model | rows | latency | read | decode | resize | wait | infer | write |\n|---|---|---|---|---|---|---|---|---|\n")
+    for model in models:
+        for rows, lat in cases:
+            st = res[(model, rows, lat)]["stages"]
+            out += (f"| {model} | {rows} | {lat * 1000:.0f} ms | " +
+                    " | ".join(f"{st[k]:.2f}" for k in ("read", "decode", "resize", "wait", "infer", "write")) + " |\n")
+    return out
+
+
 def replace_section(path, head, section):
     old = open(path).read() if os.path.exists(path) else ""
     before, _, rest = old.partition(head)
@@ -764,6 +927,8 @@ def replace_section(path, head, section):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=240, help="images per throughput measurement")
+    ap.add_argument("--url-rows", type=int, default=960, help="rows of the urls section's tables (and --images at the "
+                    "highest latency)")
     ap.add_argument("--rows", type=int, default=1000, help="rows for the INSERT overhead measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch", type=int, default=8, help="images per model run (Python and doppler alike)")
@@ -771,14 +936,32 @@ def main():
     ap.add_argument("--models", default="resnet50,efficientnet_lite0")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
     ap.add_argument("--claim-rows", type=int, default=1_000_000, help="rows of the large table for the claim costs")
-    ap.add_argument("--only", choices=["claims", "scale", "concurrency"],
+    ap.add_argument("--only", choices=["claims", "scale", "concurrency", "urls"],
                     help="measure only this, and replace its section of --out")
-    ap.add_argument("what", nargs="?", choices=["claims", "scale", "concurrency"], help="the same as --only")
+    ap.add_argument("what", nargs="?", choices=["claims", "scale", "concurrency", "urls"], help="the same as --only")
     ap.add_argument("--scale-rows", default="10000,100000,1000000", help="table sizes of the scale benchmark")
     ap.add_argument("--server-conf", default="", help="more postgresql.conf lines for the concurrency benchmark's "
                     "server (e.g. 'doppler.batch_window_ms = 5'), to try settings")
     a = ap.parse_args()
     a.only = a.only or a.what
+    if a.only == "urls":
+        memes = make_meme_images(f"{DEPS}/meme-images")
+        with ImageWeb(os.path.dirname(memes[0]), hosts=8) as web:
+            c = Cluster(worker_db="worker", extra_conf=f"doppler.service_intra_op_threads = {a.threads}\n"
+                        f"doppler.inference_batch_size = {a.batch}\ndoppler.worker_naptime = '60s'\n"
+                        f"doppler.allow_urls = on\ndoppler.url_allowed_networks = '{web.networks}'\n"
+                        "doppler.url_timeout = '60s'\n")
+            try:
+                with c.connect("postgres") as pg:
+                    pg.execute("CREATE DATABASE bench")
+                with c.connect("bench") as db:
+                    db.execute("CREATE EXTENSION doppler")
+                section = url_costs(c, web, memes, a.url_rows, a.batch, a.reps, short=a.images)
+            finally:
+                c.destroy()
+        print(section)
+        replace_section(a.out, URLS_HEAD, section)
+        return
     if a.only == "concurrency":
         photos = [p for p in make_images(a.images, f"{DEPS}/bench-images") if "_640x480.jpg" in p][:20]
         c = Cluster(worker_db="worker", extra_conf="max_connections = 100\n" + a.server_conf.replace(";", "\n") + "\n")
@@ -1029,9 +1212,9 @@ images per model run ({a.batch}); the rest is doppler's defaults: `doppler.decod
 """
     text = head + body + stages + warm + pr + targets + dr + wr + "\n" + claims + notes
     print(text)
-    # `scripts/bench scale` and `scripts/bench concurrency` write their own sections: keep them
+    # `scripts/bench scale`, `concurrency` and `urls` write their own sections: keep them
     old = open(a.out).read() if os.path.exists(a.out) else ""
-    for kept in (CONCURRENCY_HEAD, SCALE_HEAD):
+    for kept in (CONCURRENCY_HEAD, SCALE_HEAD, URLS_HEAD):
         if kept in old:
             rest = old[old.index(kept):]
             text = text.rstrip("\n") + "\n\n" + (rest[:rest.find("\n## ", 1) + 1] if "\n## " in rest[1:] else rest)

@@ -111,16 +111,24 @@ CREATE TABLE @extschema@.batches (
     resize_s     float8,
     wait_s       float8,
     infer_s      float8,
-    write_s      float8
+    write_s      float8,
+    -- the web (0.9.0): the requests of the batch's URLs, and rows left on the network
+    fetch_s       float8,
+    fetched_bytes bigint,
+    released      int
 );
 CREATE INDEX ON @extschema@.batches (relid, finished_at);
 COMMENT ON COLUMN @extschema@.batches.claim_s IS 'Seconds spent claiming the rows (as the table owner).';
-COMMENT ON COLUMN @extschema@.batches.read_s IS 'Seconds the decode threads spent reading files or fetching URLs (summed over threads).';
+COMMENT ON COLUMN @extschema@.batches.read_s IS 'Seconds the decode threads spent reading files (summed over threads; before 0.9.0 also fetching URLs).';
 COMMENT ON COLUMN @extschema@.batches.decode_s IS 'Seconds the decode threads spent decoding images (summed over threads).';
 COMMENT ON COLUMN @extschema@.batches.resize_s IS 'Seconds the decode threads spent resizing and normalizing, and on dHashes (summed over threads).';
 COMMENT ON COLUMN @extschema@.batches.wait_s IS 'Seconds the batch waited for prepared images (decoding not hidden behind inference).';
 COMMENT ON COLUMN @extschema@.batches.infer_s IS 'Seconds of model runs.';
 COMMENT ON COLUMN @extschema@.batches.write_s IS 'Seconds writing vectors and hashes back and recording failures.';
+COMMENT ON COLUMN @extschema@.batches.fetch_s IS 'Seconds the requests of the batch''s image URLs took, summed (they overlap each other, and the decoding and inference of other rows; requests made ahead, during an earlier batch, count here).';
+COMMENT ON COLUMN @extschema@.batches.fetched_bytes IS 'Bytes of the image URLs the batch took.';
+COMMENT ON COLUMN @extschema@.batches.released IS 'Rows left pending because their image was still on the network when the rest of the batch was done (their request goes on; a later batch claims them again and takes the answer).';
+COMMENT ON COLUMN @extschema@.failures.attempts IS 'Attempts that failed. A web server''s request to wait (error_class retry_later: HTTP 429 or 503 with Retry-After, or a host doppler paused after it did not answer) is retried at next_attempt and not counted.';
 
 -- pg_dump keeps the user's configuration and failure history.
 -- The two entries CREATE EXTENSION makes are dumped only when changed; restoring one (or a 0.4.0

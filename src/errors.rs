@@ -33,6 +33,8 @@ pub fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
         ErrorKind::Internal => ERRCODE_INTERNAL_ERROR,
         // not 57P03 (cannot_connect_now): connection pools take that for a broken connection
         ErrorKind::ServiceUnavailable => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        // a web server's 429 or 503 with Retry-After: the io_error of other HTTP failures
+        ErrorKind::RetryLater => ERRCODE_IO_ERROR,
     }
 }
 

@@ -78,6 +78,23 @@ pub static URL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static URL_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3_000);
 /// `doppler.url_max_redirects`: redirects followed, each checked again.
 pub static URL_MAX_REDIRECTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// `doppler.url_max_in_flight`: requests in flight at once per process, all hosts.
+pub static URL_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(32);
+/// `doppler.url_max_per_host`: requests in flight at once per process to one host.
+pub static URL_MAX_PER_HOST: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// `doppler.url_host_rate`: requests started per second to one host, per process (0: no limit).
+pub static URL_HOST_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+/// `doppler.url_user_agent`: the User-Agent header of doppler's requests.
+pub static URL_USER_AGENT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(USER_AGENT));
+const USER_AGENT: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+    concat!("doppler/", env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+) {
+    Ok(c) => c,
+    Err(_) => panic!("the user agent has no NUL inside"),
+};
+/// `doppler.url_prefetch_bytes`: images fetched ahead of the batch that needs them (0: none).
+pub static URL_PREFETCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 << 20);
 /// `doppler.skip_hashes`: hashes that mean "no usable image" (dedup skips these rows).
 pub static SKIP_HASHES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"NOHASH,0000000000000000,nan"));
@@ -459,6 +476,54 @@ fn init_source_gucs() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"doppler.url_max_in_flight",
+        c"Image requests in flight at once in one process (a fill, a trigger's statement, the worker), all hosts together.",
+        c"Requests wait on the network together, not one per decode thread; the bytes they hold are capped by doppler.max_image_bytes each. To keep a model busy, about its images per second times the hosts' latency (100 images/s at 200 ms: 20).",
+        &URL_MAX_IN_FLIGHT,
+        1,
+        1024,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.url_max_per_host",
+        c"Image requests in flight at once in one process to one host.",
+        c"",
+        &URL_MAX_PER_HOST,
+        1,
+        256,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"doppler.url_host_rate",
+        c"Image requests started per second to one host, per process; 0 sets no limit.",
+        c"",
+        &URL_HOST_RATE,
+        0.0,
+        1e6,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"doppler.url_user_agent",
+        c"The User-Agent header of doppler's image requests.",
+        c"",
+        &URL_USER_AGENT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.url_prefetch_bytes",
+        c"Images fetched ahead of the batch that will need them, per process; 0 turns the lookahead off.",
+        c"A fill or the worker asks for the next batch's URLs while the model runs over this one.",
+        &URL_PREFETCH_BYTES,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> String {
@@ -571,6 +636,17 @@ pub fn source_policy() -> doppler_core::source::SourcePolicy {
         timeout: std::time::Duration::from_millis(URL_TIMEOUT.get() as u64),
         max_redirects: URL_MAX_REDIRECTS.get() as usize,
         max_bytes: max_image_bytes(),
+        // (no control characters: a header value cannot hold them)
+        user_agent: match string(&URL_USER_AGENT).replace(|c: char| c.is_control(), "") {
+            ua if ua.trim().is_empty() => doppler_core::fetch::USER_AGENT.to_string(),
+            ua => ua,
+        },
+        limits: doppler_core::fetch::FetchLimits {
+            max_in_flight: URL_MAX_IN_FLIGHT.get() as usize,
+            max_per_host: URL_MAX_PER_HOST.get() as usize,
+            host_rate: URL_HOST_RATE.get(),
+            prefetch_bytes: URL_PREFETCH_BYTES.get() as u64,
+        },
     });
     doppler_core::source::SourcePolicy {
         max_bytes: max_image_bytes(),

@@ -1219,11 +1219,7 @@ impl Service {
                 Err(e) => {
                     for r in &mut group {
                         r.loading = true;
-                        r.error = Some(Error {
-                            kind: e.kind,
-                            message: e.message.clone(),
-                            hint: e.hint.clone(),
-                        });
+                        r.error = Some(e.copy());
                     }
                 }
                 Ok(model) => {
@@ -1274,23 +1270,13 @@ impl Service {
                                     s.runs.fetch_add(1, Ordering::Relaxed);
                                     match alone {
                                         Ok(v) => group[r].put_vector(i, &v),
-                                        Err(_) => {
-                                            group[r].error = Some(Error {
-                                                kind: e.kind,
-                                                message: e.message.clone(),
-                                                hint: e.hint.clone(),
-                                            })
-                                        }
+                                        Err(_) => group[r].error = Some(e.copy()),
                                     }
                                 }
                             }
                             Err(e) => {
                                 for &(r, _) in &run {
-                                    group[r].error = Some(Error {
-                                        kind: e.kind,
-                                        message: e.message.clone(),
-                                        hint: e.hint.clone(),
-                                    });
+                                    group[r].error = Some(e.copy());
                                 }
                             }
                         }

@@ -18,7 +18,11 @@ pub fn load_text(s: &str) -> (Vec<u8>, String) {
     } else {
         source::describe_path(s)
     };
-    let bytes = source::load(s, &gucs::source_policy()).or_raise();
+    // (a cancel acts while a URL is on its way: the request goes on, its answer dropped)
+    let bytes = source::load_polled(s, &gucs::source_policy(), || {
+        pgrx::check_for_interrupts!();
+    })
+    .or_raise();
     (bytes, what)
 }
 

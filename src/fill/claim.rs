@@ -19,6 +19,8 @@ enum Locked {
     Skip,
     /// Waits for the holder to end, then takes the row if it is still to do ([`wait_for_holders`]).
     Wait,
+    /// Locks nothing: the rows a next claim would take, looked at ([`peek`]).
+    Peek,
 }
 
 /// Which rows one claim statement looks at.
@@ -191,15 +193,26 @@ fn claim_sql(w: &Watched, tag: &str, rows: Rows, locked: Locked) -> String {
                              AND f.row_key OPERATOR(pg_catalog.=) {key}
                              AND f.source IS NOT DISTINCT FROM {shown}
                              AND (f.next_attempt IS NULL OR f.next_attempt OPERATOR(pg_catalog.>) pg_catalog.now()))
-         LIMIT $2
-         FOR NO KEY UPDATE OF t {skip}",
+         LIMIT $2{lock}",
         table = w.name,
         src = w.col("t", &w.source_column),
         shown = w.shown_over("t"),
         current = w.current_vector_over("t", &pgrx::spi::quote_literal(tag)),
         todo = w.todo_over("t", tag),
-        skip = if locked == Locked::Skip { "SKIP LOCKED" } else { "" },
+        lock = match locked {
+            Locked::Skip => "\n         FOR NO KEY UPDATE OF t SKIP LOCKED",
+            Locked::Wait => "\n         FOR NO KEY UPDATE OF t",
+            Locked::Peek => "",
+        },
     )
+}
+
+/// The pending rows a next claim would take (up to `limit`, this batch's own among them), for
+/// the lookahead: the claim statement of the pending index, locking nothing. As the table owner.
+pub fn peek(w: &Watched, tag: &str, limit: i64) -> Vec<Claimed> {
+    as_owner(w.owner, || {
+        select(w, tag, Rows::Pending, limit, Locked::Peek)
+    })
 }
 
 /// Runs one claim statement ([`claim_sql`]), as the table owner.

@@ -36,6 +36,9 @@ pub struct Failure {
     pub class: Class,
     pub sqlstate: String,
     pub message: String,
+    /// A web server asked to wait (or its host is paused): tried again then, and not a step
+    /// towards giving up.
+    pub retry_at: Option<std::time::SystemTime>,
 }
 
 /// The failures of rows whose image failed.
@@ -47,6 +50,7 @@ pub fn of_errors(errors: &[(usize, Error)]) -> Vec<Failure> {
             class: Class::Image(e.kind),
             sqlstate: unpack_sqlstate(sqlstate(e.kind) as i32),
             message: e.message.clone(),
+            retry_at: e.retry_at,
         })
         .collect()
 }
@@ -111,6 +115,24 @@ const RECORD_FAILURE: &str = "
                                     $8::pg_catalog.float8 OPERATOR(pg_catalog.*)
                                     pg_catalog.power(2::pg_catalog.float8, f.attempts::pg_catalog.float8)) END";
 
+/// A row a web server asked to wait for (429 or 503 with Retry-After): tried again at that time;
+/// its attempts are not counted (a first record has none) for a day after its first attempt.
+/// After that each wait counts, and the row is given up after doppler.max_attempts: a host that
+/// asks to wait forever does not keep rows waiting forever.
+const RECORD_WAIT: &str = "
+    INSERT INTO doppler.failures AS f (relid, row_key, source, error_class, sqlstate, message, attempts, next_attempt)
+    VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, 0,
+            pg_catalog.to_timestamp($7::pg_catalog.float8))
+    ON CONFLICT (relid, row_key) DO UPDATE
+       SET source = EXCLUDED.source, error_class = EXCLUDED.error_class, sqlstate = EXCLUDED.sqlstate,
+           message = EXCLUDED.message, last_attempt = pg_catalog.now(),
+           attempts = f.attempts OPERATOR(pg_catalog.+) (f.first_attempt OPERATOR(pg_catalog.<)
+                      (pg_catalog.now() OPERATOR(pg_catalog.-) '1 day'::pg_catalog.interval))::pg_catalog.int4,
+           next_attempt = CASE WHEN f.first_attempt OPERATOR(pg_catalog.<)
+                                    (pg_catalog.now() OPERATOR(pg_catalog.-) '1 day'::pg_catalog.interval)
+                                AND (f.attempts OPERATOR(pg_catalog.+) 1) OPERATOR(pg_catalog.>=) $8::pg_catalog.int4
+                               THEN NULL ELSE EXCLUDED.next_attempt END";
+
 fn record_failures(w: &Watched, claimed: &[Claimed], failed: &[Failure]) {
     if failed.is_empty() {
         return;
@@ -120,20 +142,26 @@ fn record_failures(w: &Watched, claimed: &[Claimed], failed: &[Failure]) {
     Spi::connect_mut(|client| {
         for e in failed {
             let c = &claimed[e.row];
-            client.update(
-                RECORD_FAILURE,
-                None,
-                &[
-                    w.relid.into(),
-                    c.key.as_str().into(),
-                    c.shown.as_str().into(),
-                    e.class.as_str().into(),
-                    e.sqlstate.as_str().into(),
-                    e.message.as_str().into(),
-                    max_attempts.into(),
-                    backoff.into(),
-                ],
-            )?;
+            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+                w.relid.into(),
+                c.key.as_str().into(),
+                c.shown.as_str().into(),
+                e.class.as_str().into(),
+                e.sqlstate.as_str().into(),
+                e.message.as_str().into(),
+            ];
+            let sql = match e.retry_at {
+                Some(at) => {
+                    let epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    args.extend([epoch.as_secs_f64().into(), max_attempts.into()]);
+                    RECORD_WAIT
+                }
+                None => {
+                    args.extend([max_attempts.into(), backoff.into()]);
+                    RECORD_FAILURE
+                }
+            };
+            client.update(sql, None, &args)?;
         }
         Ok::<_, pgrx::spi::Error>(())
     })
@@ -172,14 +200,16 @@ pub fn log_batch(
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let st = &phases.stream;
     pgrx::debug1!(
-        "doppler: batch of {} ({}): {} rows claimed, {} filled, {} failed in {:.1} ms: claim {:.1} ms, \
-         waited for images {:.1} ms, infer {:.1} ms, write {:.1} ms; decode threads read {:.1} ms, \
-         decode {:.1} ms, resize {:.1} ms",
+        "doppler: batch of {} ({}): {} rows claimed, {} filled, {} failed, {} left on the network in \
+         {:.1} ms: claim {:.1} ms, waited for images {:.1} ms, infer {:.1} ms, write {:.1} ms; decode \
+         threads read {:.1} ms, decode {:.1} ms, resize {:.1} ms; {} URLs ({} asked for ahead, {} bytes) \
+         in {:.1} ms of requests",
         w.name,
         via.as_str(),
         report.claimed,
         report.filled,
         report.failed,
+        report.released,
         report.seconds * 1e3,
         ms(phases.claim),
         ms(st.waited),
@@ -187,7 +217,11 @@ pub fn log_batch(
         ms(phases.write),
         ms(st.read),
         ms(st.decode),
-        ms(st.resize)
+        ms(st.resize),
+        st.fetched,
+        st.ahead,
+        st.fetched_bytes,
+        ms(st.fetch)
     );
     let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
         w.relid.into(),
@@ -198,10 +232,29 @@ pub fn log_batch(
         via.as_str().into(),
         (report.deduped as i32).into(),
     ];
-    let phase_columns = as_catalog(catalog_role, || {
-        Installed::get().is_some_and(Installed::has_phase_columns)
-    });
-    let sql = if phase_columns {
+    let installed = as_catalog(catalog_role, Installed::get);
+    let phase_columns = installed.is_some_and(Installed::has_phase_columns);
+    let fetch_columns = installed.is_some_and(Installed::has_fetch_columns);
+    let sql = if fetch_columns {
+        let phases = [
+            phases.claim,
+            st.read,
+            st.decode,
+            st.resize,
+            st.waited,
+            phases.infer,
+            phases.write,
+            st.fetch,
+        ];
+        args.extend(phases.map(|d| d.as_secs_f64().into()));
+        args.push((st.fetched_bytes as i64).into());
+        args.push((report.released as i32).into());
+        "INSERT INTO doppler.batches (relid, claimed, filled, failed, seconds, via, deduped,
+                                      claim_s, read_s, decode_s, resize_s, wait_s, infer_s, write_s,
+                                      fetch_s, fetched_bytes, released)
+         VALUES ($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6, $7,
+                 $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    } else if phase_columns {
         let phases = [
             phases.claim,
             st.read,

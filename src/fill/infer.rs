@@ -28,13 +28,20 @@ pub struct Inferred {
     pub skips: Vec<(usize, String)>,
     /// Model slots saved by dedup.
     pub deduped: i64,
+    /// Rows left because their image was still on the network (neither filled nor failed: a
+    /// later batch claims them again and takes the answer).
+    pub released: Vec<usize>,
 }
 
+/// `release`: rows whose image is still on the network when the rest is done may be left for a
+/// later batch (the worker, `fill`); the sync trigger waits for all of its rows. `ahead`: the
+/// URLs of the rows the next batch will claim, asked for after this batch's own.
 pub fn infer(
     w: &Watched,
     spec: &ModelSpec,
     tag: &str,
     claimed: &[Claimed],
+    (release, ahead): (bool, &[String]),
     phases: &mut Phases,
 ) -> Inferred {
     let mut done = Inferred {
@@ -42,6 +49,7 @@ pub fn infer(
         errors: Vec::new(),
         skips: Vec::new(),
         deduped: 0,
+        released: Vec::new(),
     };
     let sources = readable(w, claimed, &mut done.errors);
     if sources.is_empty() {
@@ -52,6 +60,9 @@ pub fn infer(
         threads: gucs::decode_threads(),
         chunk: gucs::INFERENCE_BATCH_SIZE.get().max(1) as usize,
         want_hash: w.hash_column.is_some(),
+        release,
+        scope: u32::from(w.relid) as u64,
+        ahead,
     };
     let (limits, policy) = (gucs::limits(), gucs::source_policy());
     let mut chunks = Chunks {
@@ -64,17 +75,18 @@ pub fn infer(
         done: &mut done,
         infer_time: Default::default(),
     };
+    let mut left = Vec::new();
     session::with_model(spec, |runner, pre| {
-        phases.stream = prepare_stream(
+        (phases.stream, left) = prepare_stream(
             &srcs,
             pre,
             &limits,
             &policy,
             opts,
-            |start, images| {
+            |rows, images| {
                 // cancel, statement_timeout, shutdown: act between model runs
                 check_for_interrupts!();
-                chunks.run(runner, pre, start, images);
+                chunks.run(runner, pre, &rows, images);
             },
             || {
                 // and while a chunk decodes: within about one image, not one model run
@@ -83,7 +95,33 @@ pub fn infer(
         );
     });
     phases.infer = chunks.infer_time;
+    done.released = left.into_iter().map(|j| sources[j].0).collect();
     done
+}
+
+/// The URLs of the rows the next batches of `w` will claim (the claim statement, locking nothing;
+/// a batch's worth, or as many as may be in flight when that is more): when this batch fetches
+/// URLs, lookahead is on and the owner may fetch. Not this batch's rows.
+pub fn lookahead(w: &Watched, tag: &str, claimed: &[Claimed], limit: i64) -> Vec<String> {
+    let is_url = |c: &Claimed| matches!(&c.source, Source::Path(p) if fetch::is_url(p));
+    let on = gucs::ALLOW_URLS.get() && gucs::URL_PREFETCH_BYTES.get() > 0;
+    if !on || !claimed.iter().any(is_url) || !may_fetch_urls(w.owner) {
+        return Vec::new();
+    }
+    let ahead = limit.max(gucs::URL_MAX_IN_FLIGHT.get() as i64);
+    super::claim::peek(w, tag, claimed.len() as i64 + ahead)
+        .into_iter()
+        .filter(|c| {
+            is_url(c)
+                && !claimed
+                    .iter()
+                    .any(|d| d.ctid == c.ctid && d.tableoid == c.tableoid)
+        })
+        .filter_map(|c| match c.source {
+            Source::Path(p) => Some(p),
+            Source::Bytes(_) => None,
+        })
+        .collect()
 }
 
 /// The rows whose source the table owner may read (with their index), the others' errors
@@ -151,15 +189,15 @@ struct Chunks<'a> {
 type Group = (String, Vec<usize>, Vec<f32>);
 
 impl Chunks<'_> {
-    /// One chunk of prepared images, the first at stream position `start`.
+    /// One chunk of prepared images, of the streamed sources `rows`.
     fn run(
         &mut self,
         runner: &mut Runner,
         pre: &Preprocess,
-        start: usize,
+        rows: &[usize],
         images: Vec<PreparedImage>,
     ) {
-        let mut groups = self.group(start, images);
+        let mut groups = self.group(rows, images);
         if self.w.dedup && !groups.is_empty() {
             self.drop_known(&mut groups);
         }
@@ -200,9 +238,9 @@ impl Chunks<'_> {
 
     /// The chunk's rows that need the model, in groups; the others settled here: an image that
     /// failed, a row that only needed its hash, a skip hash, a hash this batch already inferred.
-    fn group(&mut self, start: usize, images: Vec<PreparedImage>) -> Vec<Group> {
+    fn group(&mut self, rows: &[usize], images: Vec<PreparedImage>) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
-        for (j, image) in (start..).zip(images) {
+        for (&j, image) in rows.iter().zip(images) {
             let i = self.rows[j];
             let (slot, computed) = match image {
                 Ok(ok) => ok,

@@ -71,6 +71,8 @@ pub struct BatchReport {
     pub skipped: i64,
     /// Model runs saved by dedup: vectors copied or shared instead of inferred.
     pub deduped: i64,
+    /// Rows left because their image was still on the network (claimed again later).
+    pub released: i64,
     pub seconds: f64,
 }
 
@@ -127,8 +129,16 @@ pub fn run(w: &Watched, limit: i64, via: Via, only: Option<&[String]>, raise: bo
         return BatchReport::default();
     }
 
-    // 2. infer: read, decode and preprocess on threads, one model run per chunk
-    let mut done = infer::infer(w, &spec, &tag, &claimed, &mut phases);
+    // 2. infer: read or fetch, decode and preprocess on threads, one model run per chunk; the
+    //    worker and fill leave rows still on the network to a later batch, and ask for the next
+    //    batch's URLs meanwhile
+    let release = via != Via::Sync;
+    let ahead = if release {
+        infer::lookahead(w, &tag, &claimed, limit)
+    } else {
+        Vec::new()
+    };
+    let mut done = infer::infer(w, &spec, &tag, &claimed, (release, &ahead), &mut phases);
     if raise {
         if let Some((_, e)) = done.errors.into_iter().min_by_key(|(i, _)| *i) {
             raise_error(e);
@@ -164,6 +174,7 @@ pub fn run(w: &Watched, limit: i64, via: Via, only: Option<&[String]>, raise: bo
         failed: failed.len() as i64,
         skipped: done.skips.len() as i64,
         deduped: done.deduped,
+        released: done.released.len() as i64,
         seconds: t0.elapsed().as_secs_f64(),
     };
     failures::log_batch(w, via, catalog_role, &report, &phases);

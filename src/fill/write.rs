@@ -53,6 +53,7 @@ pub fn write(
                 class: Class::Write,
                 sqlstate: unpack_sqlstate(code as i32),
                 message: format!("could not write the row's features into {}: {msg}", w.name),
+                retry_at: None,
             })
         })
         .collect()

@@ -79,6 +79,11 @@ impl Installed {
         self >= Installed(0, 8, 0)
     }
 
+    /// doppler.batches has `fetch_s`, `fetched_bytes` and `released` (0.9.0).
+    pub fn has_fetch_columns(self) -> bool {
+        self >= Installed(0, 9, 0)
+    }
+
     /// The stale-clearing trigger function is 0.1.0's PL/pgSQL one, which takes the derived
     /// columns as trigger arguments (later ones read them from doppler.watched).
     pub fn stale_trigger_takes_columns(self) -> bool {

@@ -236,7 +236,8 @@ def set_system(conn, cluster=None, **settings):
     """ALTER SYSTEM SET each doppler.<name> = value (None: RESET), reload, and wait until this
     connection runs with them (a backend reloads at its next statement after the signal), and,
     given the cluster, until the worker has reloaded too (its log line)."""
-    reloads = cluster.log().count("reloaded its settings") if cluster else 0
+    log = cluster.log() if cluster else ""
+    reloads, starts = log.count("reloaded its settings"), log.count("doppler worker started in database")
     for k, v in settings.items():
         if v is None:
             conn.execute(f"ALTER SYSTEM RESET doppler.{k}")
@@ -250,4 +251,7 @@ def set_system(conn, cluster=None, **settings):
                    for k, v in settings.items())
     wait_for(applied, 30, 0.05, f"settings {sorted(settings)} reloaded")
     if cluster:
-        wait_for(lambda: cluster.log().count("reloaded its settings") > reloads, 30, 0.05, "the worker's reload")
+        # (a worker that starts after the reload reads the new settings as it starts)
+        wait_for(lambda: (lambda log: log.count("reloaded its settings") > reloads
+                          or log.count("doppler worker started in database") > starts)(cluster.log()),
+                 30, 0.05, "the worker's reload")

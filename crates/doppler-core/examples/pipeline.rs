@@ -48,13 +48,16 @@ fn main() {
         threads: decode,
         chunk: batch,
         want_hash: false,
+        release: false,
+        scope: 0,
+        ahead: &[],
     };
     let policy = SourcePolicy::files(64 << 20);
     let mut best = (0f64, Default::default(), 0f64);
     for _ in 0..reps {
         let t0 = Instant::now();
         let mut infer = 0f64;
-        let stats = prepare_stream(
+        let (stats, _) = prepare_stream(
             &files,
             &pre,
             &Limits::default(),

@@ -37,11 +37,14 @@ pub enum ErrorKind {
     Internal,
     /// The server's inference service is not running.
     ServiceUnavailable,
+    /// A web server asked to wait (429 or 503 with `Retry-After`), or doppler paused a host that
+    /// did not answer: tried again at [`Error::retry_at`], not a step towards giving up.
+    RetryLater,
 }
 
 impl ErrorKind {
     /// Every kind, for reading one back from its name ([`ErrorKind::from_name`]).
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::NotFound,
         ErrorKind::IsDirectory,
         ErrorKind::NotRegularFile,
@@ -58,6 +61,7 @@ impl ErrorKind {
         ErrorKind::Inference,
         ErrorKind::Internal,
         ErrorKind::ServiceUnavailable,
+        ErrorKind::RetryLater,
     ];
 
     /// The kind named `name` ([`ErrorKind::as_str`]); unknown names are `Internal`.
@@ -87,6 +91,7 @@ impl ErrorKind {
             ErrorKind::Inference => "inference",
             ErrorKind::Internal => "internal",
             ErrorKind::ServiceUnavailable => "service_unavailable",
+            ErrorKind::RetryLater => "retry_later",
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct Error {
     pub message: String,
     /// Extra context for an ERROR's DETAIL/HINT line.
     pub hint: Option<String>,
+    /// [`ErrorKind::RetryLater`]: when to try again.
+    pub retry_at: Option<std::time::SystemTime>,
 }
 
 impl Error {
@@ -106,7 +113,24 @@ impl Error {
             kind,
             message: message.into(),
             hint: None,
+            retry_at: None,
         }
+    }
+
+    /// The same error, for another input or caller (errors are not `Clone`: a source's error
+    /// stays with its source).
+    pub fn copy(&self) -> Self {
+        Error {
+            kind: self.kind,
+            message: self.message.clone(),
+            hint: self.hint.clone(),
+            retry_at: self.retry_at,
+        }
+    }
+
+    pub fn retry_at(mut self, at: std::time::SystemTime) -> Self {
+        self.retry_at = Some(at);
+        self
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {

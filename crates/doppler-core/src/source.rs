@@ -19,6 +19,14 @@ pub struct SourcePolicy {
 }
 
 impl SourcePolicy {
+    /// The URL policy with this policy's byte limit; None when URLs are off.
+    pub fn url_policy(&self) -> Option<UrlPolicy> {
+        self.urls.as_ref().map(|u| UrlPolicy {
+            max_bytes: self.max_bytes,
+            ..u.clone()
+        })
+    }
+
     /// Files anywhere, no URLs.
     pub fn files(max_bytes: u64) -> SourcePolicy {
         SourcePolicy {
@@ -31,15 +39,21 @@ impl SourcePolicy {
 
 /// Reads a path or fetches a URL (by its form), under `policy`.
 pub fn load(path_or_url: &str, policy: &SourcePolicy) -> Result<Vec<u8>> {
+    load_polled(path_or_url, policy, || {})
+}
+
+/// [`load`], calling `poll` every 50 ms while it waits for a URL (a backend checks for a cancel
+/// there).
+pub fn load_polled(
+    path_or_url: &str,
+    policy: &SourcePolicy,
+    poll: impl FnMut(),
+) -> Result<Vec<u8>> {
     if fetch::is_url(path_or_url) {
-        match &policy.urls {
-            Some(u) => fetch::fetch(
-                path_or_url,
-                &UrlPolicy {
-                    max_bytes: policy.max_bytes,
-                    ..u.clone()
-                },
-            ),
+        match policy.url_policy() {
+            Some(u) => {
+                fetch::fetch_polled(path_or_url, &u, std::time::Duration::from_millis(50), poll)
+            }
             None if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") => {
                 Err(Error::new(
                     ErrorKind::Refused,

@@ -75,6 +75,8 @@ fn policy() -> UrlPolicy {
         timeout: Duration::from_secs(1),
         max_redirects: 3,
         max_bytes: 1 << 20,
+        user_agent: doppler_core::fetch::USER_AGENT.into(),
+        limits: Default::default(),
     }
 }
 
