@@ -189,3 +189,13 @@ fn file_roots() {
         ErrorKind::Config
     );
 }
+
+/// A refusal is the policy's by its type, not by words: a URL whose text reads like one, on a port
+/// nothing listens on, is an I/O failure.
+#[test]
+fn a_url_cannot_pass_for_a_refusal() {
+    let url =
+        "http://127.0.0.2:1/refused:/private%20or%20reserved/not%20in%20doppler.url_allowed_hosts";
+    let (k, m) = err(url, &policy());
+    assert_eq!(k, ErrorKind::Io, "{m}");
+}

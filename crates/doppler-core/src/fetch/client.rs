@@ -86,7 +86,7 @@ fn build(policy: &UrlPolicy) -> Result<reqwest::Client> {
             let target = attempt.url().to_string();
             match redirect_policy.check(attempt.url()) {
                 Ok(()) => attempt.follow(),
-                Err(why) => attempt.error(format!("redirect to {target} refused: {why}")),
+                Err(why) => attempt.error(Refusal(format!("redirect to {target} refused: {why}"))),
             }
         }))
         .user_agent(policy.user_agent.as_str())
@@ -115,15 +115,40 @@ impl reqwest::dns::Resolve for Resolver {
                 .collect();
             if ok.is_empty() {
                 let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
-                return Err(format!(
+                let refusal = Refusal(format!(
                     "{host} resolves only to private or reserved addresses ({})",
                     shown.join(", ")
-                )
-                .into());
+                ));
+                return Err(Box::new(refusal) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// The policy's refusal of an address or a redirect, inside reqwest's errors: found by its type
+/// (a URL's own text cannot pass for one).
+#[derive(Debug)]
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Whether `e`, or an error it came from, is the policy's [`Refusal`].
+fn is_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<Refusal>() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
@@ -200,10 +225,7 @@ async fn send(
 fn classify(e: &reqwest::Error, shown: &str, what: &str, policy: &UrlPolicy) -> (Error, Outcome) {
     {
         let msg = chain(e);
-        if msg.contains("refused:")
-            || msg.contains("private or reserved")
-            || msg.contains("not in doppler.url_allowed_hosts")
-        {
+        if is_refusal(e) {
             (refused(shown, msg), Outcome::Neither)
         } else if e.is_timeout() {
             let m = format!("{what} timed out after {:?}", policy.timeout);

@@ -194,6 +194,7 @@ impl Fetches {
         }
         let policy = policy.clone();
         let spawned = client::runtime().map(|rt| {
+            self.sweeping(rt);
             rt.spawn(async move {
                 // (the request in a task of its own: a panic in it is an answer too)
                 let k = key.clone();
@@ -278,6 +279,20 @@ impl Fetches {
         self.sweep(&mut st);
         drop(st);
         self.answered.notify_all();
+    }
+
+    /// Sweeps every [`KEPT`] / 4 on the fetch runtime (started with the first fetch): an idle
+    /// backend (a pooled connection after a fill) does not keep the answers nobody took.
+    fn sweeping(&'static self, rt: &tokio::runtime::Runtime) {
+        static STARTED: std::sync::Once = std::sync::Once::new();
+        STARTED.call_once(|| {
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(KEPT / 4).await;
+                    self.sweep(&mut self.lock());
+                }
+            });
+        });
     }
 
     /// Drops the unpinned answers nobody took: after [`KEPT`], or oldest first while they hold
