@@ -46,6 +46,9 @@ BEGIN
            registered_at = now();
     -- load it now: a wrong file, shape or dim fails here, not in the worker
     tag := @extschema@._check_model(register_model.name);
+    -- and record its file's SHA-256: external workers check their copy against it
+    UPDATE @extschema@.models m SET sha256 = @extschema@._model_sha256(register_model.name)
+     WHERE m.name = register_model.name;
     -- tables of this model re-embed when its version changed
     PERFORM @extschema@.wake();
     RETURN tag;
@@ -64,13 +67,17 @@ CREATE FUNCTION @extschema@.watch(tbl regclass, path_column name DEFAULT 'f_img'
                                   batch_size int DEFAULT 32, priority int DEFAULT 0,
                                   mode text DEFAULT 'async', on_error text DEFAULT 'raise',
                                   hash_column name DEFAULT NULL, dedup boolean DEFAULT false,
-                                  model text DEFAULT NULL, model_column name DEFAULT NULL)
-RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
-RETURN @extschema@._watch(tbl::oid, coalesce(path_column, 'f_img')::text, coalesce(vector_column, 'features')::text,
-                          coalesce(batch_size, 32), coalesce(priority, 0), coalesce(mode, 'async'), coalesce(on_error, 'raise'),
-                          hash_column::text, coalesce(dedup, false), model, model_column::text);
-COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean, text, name) IS
-  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
+                                  model text DEFAULT NULL, model_column name DEFAULT NULL,
+                                  workers text DEFAULT 'server')
+RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN @extschema@._watch_workers(tbl::oid, coalesce(workers, 'server'),
+        @extschema@._watch(tbl::oid, coalesce(path_column, 'f_img')::text, coalesce(vector_column, 'features')::text,
+                           coalesce(batch_size, 32), coalesce(priority, 0), coalesce(mode, 'async'), coalesce(on_error, 'raise'),
+                           hash_column::text, coalesce(dedup, false), model, model_column::text));
+END $$;
+COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean, text, name, text) IS
+  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). workers: who fills it in the background: server (the server''s worker, the default), external (doppler-worker processes on other hosts, members of doppler_worker) or any. hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
 
 -- Trigger functions (installed by watch; see src/triggers.rs).
 -- BEFORE UPDATE OF the source, per row, when it changed: the vector, model tag and hash of the
@@ -176,7 +183,12 @@ SELECT w.relid AS table_name,
        @extschema@._worker_pid() AS worker_pid,
        c.exact,
        w.overruns AS worker_overruns,
-       w.backoff_until AS worker_backoff_until
+       w.backoff_until AS worker_backoff_until,
+       w.workers,
+       (SELECT coalesce(sum(e.holding_rows), 0) FROM @extschema@.external_workers e
+         WHERE e.holding OPERATOR(pg_catalog.=) w.relid
+           AND e.heartbeat_at OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) '30 seconds'::pg_catalog.interval))
+         AS external_claimed
 FROM @extschema@.watched w
 JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
 CROSS JOIN LATERAL @extschema@._status(w.relid::pg_catalog.oid) c
@@ -193,7 +205,7 @@ LEFT JOIN LATERAL (
     FROM @extschema@.batches y WHERE y.relid = w.relid) b ON true
 WHERE pg_catalog.pg_has_role(r.relowner, 'USAGE') OR pg_catalog.has_table_privilege(r.oid, 'SELECT');
 COMMENT ON VIEW @extschema@.status IS
-  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid, and whether the counts are exact (exact): tables over doppler.status_exact_rows rows get the planner''s row estimate, exact pending counts through the pending index, and done derived from both; counts are NULL for a table locked by someone, or whose reading would run its owner''s code in the reader''s session (row-level security forced on its owner). worker_overruns: the worker''s batches of the table in a row that overran doppler.worker_batch_timeout; worker_backoff_until: after an overrun, the worker leaves the table alone until then.';
+  'Per watched table: its model (name@version), rows in all, filled by that model (done), still to do (pending, including retrying and stale), given up (failed), waiting for a retry (retrying), with a vector of an older model, readable until re-embedded (stale), NULL source or skip hash (skipped), model runs saved by dedup (inferences_saved, over the kept batch log), last batch, images/s over the last 5 minutes, the worker''s pid, and whether the counts are exact (exact): tables over doppler.status_exact_rows rows get the planner''s row estimate, exact pending counts through the pending index, and done derived from both; counts are NULL for a table locked by someone, or whose reading would run its owner''s code in the reader''s session (row-level security forced on its owner). worker_overruns: the worker''s batches of the table in a row that overran doppler.worker_batch_timeout; worker_backoff_until: after an overrun, the worker leaves the table alone until then. workers: who fills it in the background (server, external, any); external_claimed: rows external workers hold now, as their heartbeats report them.';
 
 -- Foreground fill: one committed batch after another, with a NOTICE per batch.
 -- A procedure with SET search_path cannot COMMIT, so this one runs under its caller's path and
@@ -334,6 +346,64 @@ BEGIN
     END IF;
 END $$;
 COMMENT ON ROLE doppler_url_reader IS 'Members may fetch image URLs with doppler (when doppler.allow_urls is on).';
+
+-- External workers (README: More than one machine): members of this role may claim rows of the
+-- tables whose owners allowed external workers (watch(..., workers => 'external' | 'any')) and
+-- write their features, through doppler.worker_* only; no privilege on any user table.
+-- A role of that name made by someone else first (a CREATEROLE user, to hold it with ADMIN and
+-- grant it to itself) is refused, not adopted.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'doppler_worker') THEN
+        CREATE ROLE doppler_worker NOLOGIN;
+    ELSIF EXISTS (SELECT FROM pg_catalog.pg_roles r
+                  WHERE r.rolname = 'doppler_worker'
+                    AND (r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls
+                         OR r.rolreplication
+                         OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m
+                                    JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) m.member
+                                    WHERE m.roleid OPERATOR(pg_catalog.=) r.oid AND m.admin_option AND NOT a.rolsuper)
+                         OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m
+                                    WHERE m.member OPERATOR(pg_catalog.=) r.oid))) THEN
+        RAISE EXCEPTION 'role doppler_worker exists and is not the plain NOLOGIN group doppler makes'
+              USING ERRCODE = 'duplicate_object',
+                    HINT = 'It can log in, has attributes, is a member of a role, or a role other than a superuser may administer it: drop it (or fix it) and install again.';
+    END IF;
+END $$;
+COMMENT ON ROLE doppler_worker IS 'Members may run doppler-worker: claim rows of the tables whose owners allowed external workers and write their features (doppler.worker_claim, worker_write).';
+
+CREATE VIEW @extschema@.workers AS
+SELECT e.id, pg_catalog.pg_get_userbyid(e.role) AS role, e.host, e.pid, e.provider, e.version,
+       e.started_at, e.heartbeat_at AS last_heartbeat,
+       e.heartbeat_at OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) '30 seconds'::pg_catalog.interval) AS alive,
+       e.holding, e.holding_rows, e.holding_since,
+       e.rows_done, e.rows_failed, e.rate, e.last_error, e.last_error_at, e.backend_pid
+FROM @extschema@.external_workers e;
+COMMENT ON VIEW @extschema@.workers IS
+  'External doppler-worker processes: host, pid, execution provider, version, when it started and last reported (alive: within 30 s; it reports every 10 s), the table and rows it holds now and since when, rows done and failed since it started, rows/s over its last minute, and its last error. Readable by pg_monitor and doppler_worker members.';
+GRANT SELECT ON @extschema@.workers TO pg_monitor, doppler_worker;
+REVOKE ALL ON @extschema@.external_workers FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_register(text, int, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_claim(bigint, int, oid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_heartbeat(bigint, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_unregister(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_backlog(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.worker_register(text, int, text, text), @extschema@.worker_claim(bigint, int, oid[]),
+      @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb), @extschema@.worker_heartbeat(bigint, jsonb),
+      @extschema@.worker_unregister(bigint), @extschema@.worker_backlog(bigint) TO doppler_worker;
+REVOKE ALL ON FUNCTION @extschema@._model_sha256(text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.worker_register(text, int, text, text) IS
+  'For doppler-worker (members of doppler_worker): registers a worker process; returns its id and the server''s settings it works under (image limits, URL policy, heartbeat interval, lease).';
+COMMENT ON FUNCTION @extschema@.worker_claim(bigint, int, oid[]) IS
+  'For doppler-worker, in a transaction block: a batch of one table whose owner allowed external workers (up to max_rows; tables in skip passed over), locked until the transaction ends (its idle_in_transaction_session_timeout lowered to doppler.worker_lease): each row''s number, the table, the model (file name, SHA-256, preprocessing, dim) and its source (path or URL) or image bytes.';
+COMMENT ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb) IS
+  'For doppler-worker, in the claiming transaction: the features (flat, rows x dim) and dHashes of rows n of the batch it holds, and its failures ([{"n", "kind", "message", "retry_after_s"}]); refused unless sha256 is the model file''s recorded SHA-256. Rows neither written nor failed go back to the queue at commit. Returns the rows written.';
+COMMENT ON FUNCTION @extschema@.worker_heartbeat(bigint, jsonb) IS
+  'For doppler-worker: what it holds now (holding_table, holding_rows), its totals (rows_done, rows_failed), rate and last_error; shown by doppler.workers.';
+COMMENT ON FUNCTION @extschema@.worker_unregister(bigint) IS 'For doppler-worker: forgets a worker that stops cleanly.';
+COMMENT ON FUNCTION @extschema@.worker_backlog(bigint) IS
+  'Rows waiting for external workers, over the tables that allow them (up to cap per table, plus failed rows due for a retry): the query for an autoscaler such as KEDA''s postgresql trigger.';
 
 -- Privileges (README, Security). Changes go through the functions, which check table
 -- ownership first. Each role sees the watches, batches and status of the tables it owns or may

@@ -14,7 +14,9 @@ CREATE TABLE @extschema@.models (
     dim            int NOT NULL CHECK (dim BETWEEN 1 AND 65535),
     version        text NOT NULL DEFAULT '1' CHECK (version <> '' AND version NOT LIKE '%@%'),
     description    text,
-    registered_at  timestamptz NOT NULL DEFAULT now()
+    registered_at  timestamptz NOT NULL DEFAULT now(),
+    -- the file's SHA-256 at registration (0.10.0): external workers check their copy against it
+    sha256         text CHECK (sha256 ~ '^[0-9a-f]{64}$')
 );
 COMMENT ON TABLE @extschema@.models IS 'Feature extractors (ONNX) and how they want their pixels: resize to input_size with PIL''s filter, then ((v / divisor) - mean) / std per channel. Change with doppler.register_model().';
 INSERT INTO @extschema@.models (name, onnx_path, input_size, resize, divisor, mean, std, dim, version, description)
@@ -33,7 +35,8 @@ BEGIN
     UPDATE @extschema@.models m
        SET onnx_path = NEW.onnx_path, input_size = NEW.input_size, resize = NEW.resize, divisor = NEW.divisor,
            mean = NEW.mean, std = NEW.std, dim = NEW.dim, version = NEW.version,
-           description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at
+           description = coalesce(NEW.description, m.description), registered_at = NEW.registered_at,
+           sha256 = NEW.sha256
      WHERE m.name = NEW.name
        -- only the entry as CREATE EXTENSION made it: any other write of a built-in name is checked
        -- as before (a changed entry is changed by register_model, which checks its version)
@@ -68,7 +71,9 @@ CREATE TABLE @extschema@.watched (
     watched_since  timestamptz NOT NULL DEFAULT now(),
     stale_scan     text,            -- the model tag for which no vector of another model is left; NULL: look again
     overruns       int NOT NULL DEFAULT 0,  -- worker batches in a row that overran doppler.worker_batch_timeout
-    backoff_until  timestamptz      -- after an overrun, the worker leaves the table alone until then
+    backoff_until  timestamptz,     -- after an overrun, the worker leaves the table alone until then
+    -- who fills it in the background (0.10.0): the server's worker, external workers, or both
+    workers        text NOT NULL DEFAULT 'server' CHECK (workers IN ('server', 'external', 'any'))
 );
 COMMENT ON TABLE @extschema@.watched IS 'Tables whose vector column doppler fills; change it with doppler.watch() and doppler.unwatch().';
 
@@ -140,3 +145,27 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.models',
   '     AND version = ''1'' AND dim = 1280))');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.watched', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.failures', '');
+
+-- External workers (doppler-worker processes on other hosts, 0.10.0): one row per registered
+-- process, written only through doppler.worker_register / worker_heartbeat / worker_unregister;
+-- shown by the doppler.workers view. Forgotten a day after their last heartbeat.
+CREATE TABLE @extschema@.external_workers (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    role           oid NOT NULL,    -- the role that registered it (the only one that may use the id)
+    host           text NOT NULL,
+    pid            int NOT NULL,
+    provider       text NOT NULL,
+    version        text NOT NULL,
+    backend_pid    int NOT NULL,    -- its control connection's server process
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at   timestamptz NOT NULL DEFAULT now(),
+    holding        regclass,        -- the table whose rows it holds now
+    holding_rows   int NOT NULL DEFAULT 0,
+    holding_since  timestamptz,
+    rows_done      bigint NOT NULL DEFAULT 0,
+    rows_failed    bigint NOT NULL DEFAULT 0,
+    rate           real,            -- rows/s over its last minute
+    last_error     text,
+    last_error_at  timestamptz
+);
+COMMENT ON TABLE @extschema@.external_workers IS 'External doppler-worker processes, as they registered and last reported; read doppler.workers.';

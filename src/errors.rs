@@ -108,6 +108,14 @@ fn spi_sqlstate(e: &pgrx::spi::Error) -> PgSqlErrorCode {
 /// changed, the current user and settings included) and returned as its SQLSTATE and message,
 /// so that one failure does not abort the caller's statement. A cancel is not caught.
 pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode, String)> {
+    in_subtransaction_kept(|| (f(), true))
+}
+
+/// [`in_subtransaction`], where `f` also says whether to keep what it did: when it says false,
+/// the subtransaction is rolled back (its locks released) although it succeeded.
+pub fn in_subtransaction_kept<R>(
+    f: impl FnOnce() -> (R, bool),
+) -> Result<R, (PgSqlErrorCode, String)> {
     use pgrx::pg_sys;
     // SAFETY: the protocol of PL/pgSQL's exception blocks: begin, then release on success or
     // roll back on error, restoring the memory context and resource owner of the caller.
@@ -121,9 +129,13 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode,
     let f = std::panic::AssertUnwindSafe(&mut f);
     pgrx::PgTryBuilder::new(move || {
         let f = f;
-        let r = (f.0.take().expect("run once"))();
+        let (r, keep) = (f.0.take().expect("run once"))();
         unsafe {
-            pg_sys::ReleaseCurrentSubTransaction();
+            if keep {
+                pg_sys::ReleaseCurrentSubTransaction();
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::CurrentResourceOwner = owner;
         }
@@ -145,10 +157,9 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode,
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::CurrentResourceOwner = owner;
         }
-        // a cancel, statement_timeout or shutdown is the caller's, not the row's
-        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
-            || code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
-        {
+        // a cancel or statement_timeout is the caller's, not the row's (a terminate or shutdown
+        // is a FATAL, never caught here: an ERROR with its SQLSTATE is some code's own RAISE)
+        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
             e.rethrow();
         }
         Err((code, msg))

@@ -38,6 +38,9 @@ pub static WORKER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<C
 pub static WORKER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// `doppler.worker_batch_timeout`: longest a worker's batch may run (ms; 0: no limit).
 pub static WORKER_BATCH_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+/// `doppler.worker_lease`: how long an external worker may hold a claimed batch while its
+/// connection is idle (ms): the claim sets the transaction's idle_in_transaction_session_timeout.
+pub static WORKER_LEASE: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 /// `doppler.worker_intra_op_threads`: ORT threads of a worker's session (0: all cores).
 pub static WORKER_INTRA_OP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Whether this process is doppler's background worker (set first thing in its main; a parallel
@@ -263,6 +266,16 @@ pub fn init_worker_gucs() {
         &WORKER_BATCH_TIMEOUT,
         0,
         86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"doppler.worker_lease",
+        c"Longest an external doppler-worker may keep a claimed batch while its connection is idle; then the server ends the connection and the rows go to other workers.",
+        c"doppler.worker_claim sets idle_in_transaction_session_timeout to this for its transaction (when that is off or longer). A worker killed or cut off loses its rows within this bound; a killed worker whose host closes the connection loses them at once.",
+        &WORKER_LEASE,
+        5_000,
+        3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -19,6 +19,7 @@ pub mod triggers;
 pub mod watch;
 pub mod watched;
 pub mod worker;
+pub mod workers;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -37,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     // the service first: with too few background worker slots it is the one to keep
     service::register();
     worker::register();
+    workers::register_shmem();
 }
 
 /// Required by `cargo pgrx test`.

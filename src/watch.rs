@@ -15,7 +15,8 @@ use crate::session::{self, ModelSpec};
 use crate::triggers;
 use crate::watched::installed::Installed;
 use crate::watched::{
-    foreign_child, load, load_all, sql, Mode, OnError, SourceKind, VectorKind, Watched, HELD,
+    foreign_child, load, load_all, sql, Mode, OnError, SourceKind, VectorKind, Watched, Workers,
+    HELD,
 };
 
 /// `doppler.watch(...)`'s arguments, as the caller passed them.
@@ -564,6 +565,47 @@ fn create_pending_index(plan: &Plan) {
         quote_literal(PENDING_COMMENT)
     ))
     .or_raise(what);
+}
+
+/// Who fills a watched table the caller owns in the background (`watch(..., workers => ...)`):
+/// the server's worker, external workers, or both. Allowing external workers records the
+/// SHA-256 of the model's file, which they check their own copy against. Returns the watch's
+/// description with who fills it.
+pub fn set_workers(relid: pg_sys::Oid, workers: &str, described: &str) -> String {
+    let table = owned_table(relid);
+    let workers = Workers::from_arg(workers);
+    let Some(w) = load(relid) else {
+        raise(
+            Code::ERRCODE_UNDEFINED_OBJECT,
+            format!("{} is not watched by doppler", table.name),
+            "",
+        )
+    };
+    if workers != Workers::Server && !Installed::get().is_some_and(Installed::has_workers) {
+        raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "external workers need doppler 0.10.0's SQL objects in this database",
+            "Run ALTER EXTENSION doppler UPDATE.",
+        );
+    }
+    if Installed::get().is_some_and(Installed::has_workers) {
+        as_catalog(extension_owner(), || {
+            Spi::run_with_args(
+                "UPDATE doppler.watched SET workers = $2
+                 WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+                &[relid.into(), workers.as_str().into()],
+            )
+            .or_raise(|| format!("could not register {}", table.name))
+        });
+    }
+    if workers.external() {
+        crate::workers::record_sha256(&w.spec());
+    }
+    match workers {
+        Workers::Server => described.to_string(),
+        Workers::External => format!("{described}; filled by external workers"),
+        Workers::Any => format!("{described}; filled by the server's worker and external workers"),
+    }
 }
 
 /// Ends the watch of a table the caller owns: doppler's triggers, the pending index and the held

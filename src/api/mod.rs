@@ -5,3 +5,4 @@ pub mod hash;
 pub mod search;
 pub mod status;
 pub mod watch;
+pub mod workers;

@@ -54,7 +54,7 @@ fn visible_watch(relid: pg_sys::Oid) -> Option<Watched> {
 /// with no row-level security forced on the owner (its policies would run) and no index,
 /// constraint or statistics object over the owner's functions or operators (the planner runs
 /// index predicates and expressions as it plans).
-fn countable(w: &Watched) -> bool {
+pub(super) fn countable(w: &Watched) -> bool {
     if w.misfit.is_some() {
         return false;
     }

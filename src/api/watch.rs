@@ -45,6 +45,13 @@ fn _watch(
     })
 }
 
+/// Who fills a watched table in the background (after `_watch`, in `doppler.watch`).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _watch_workers(relid: pg_sys::Oid, workers: &str, described: &str) -> String {
+    watch::set_workers(relid, workers, described)
+}
+
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn _unwatch(relid: pg_sys::Oid) -> bool {

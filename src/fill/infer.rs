@@ -127,7 +127,7 @@ pub fn lookahead(w: &Watched, tag: &str, claimed: &[Claimed], limit: i64) -> Vec
 /// The rows whose source the table owner may read (with their index), the others' errors
 /// added to `errors`: a URL needs doppler_url_reader, a path pg_read_server_files and to be
 /// absolute.
-fn readable(
+pub(super) fn readable(
     w: &Watched,
     claimed: &[Claimed],
     errors: &mut Vec<(usize, Error)>,

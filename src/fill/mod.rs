@@ -13,12 +13,16 @@
 //! 4. **record** ([`failures`]): failures and skips into doppler.failures, the batch into
 //!    doppler.batches, as the catalog role.
 //!
+//! External workers (`doppler-worker`) run phase 2 on their own hosts: [`remote`] splits the
+//! batch over two calls of one transaction, the claim (phase 1) and the answer (phases 3 and 4).
+//!
 //! The table is only ever touched as its owner, doppler's catalog only as the catalog role (see
 //! `privileged.rs`).
 
 pub mod claim;
 mod failures;
 mod infer;
+pub mod remote;
 mod write;
 
 use std::time::{Duration, Instant};
@@ -40,6 +44,8 @@ pub enum Via {
     Fill,
     /// The sync trigger, in the writing statement.
     Sync,
+    /// An external worker (`doppler-worker`), through doppler.worker_claim and worker_write.
+    External,
 }
 
 impl Via {
@@ -48,6 +54,7 @@ impl Via {
             Via::Worker => "worker",
             Via::Fill => "fill",
             Via::Sync => "sync",
+            Via::External => "external",
         }
     }
 
@@ -56,7 +63,7 @@ impl Via {
     fn catalog_role(self) -> pg_sys::Oid {
         match self {
             Via::Worker => current_user(),
-            Via::Fill | Via::Sync => extension_owner(),
+            Via::Fill | Via::Sync | Via::External => extension_owner(),
         }
     }
 }
@@ -146,32 +153,24 @@ pub fn run(w: &Watched, limit: i64, via: Via, only: Option<&[String]>, raise: bo
         done.errors = Vec::new();
     }
 
-    // 3. write, as the owner: a row that cannot be written is a failure of its own
-    let writing = Instant::now();
-    let mut failed = failures::of_errors(&done.errors);
-    let held = failures::held(&claimed, &failed, &done.skips);
-    let unwritten = as_owner(w.owner, || {
-        write::write(w, &tag, &claimed, &done.outcomes, &held, !raise)
-    });
-    for f in &unwritten {
-        done.outcomes[f.row] = Outcome::default();
-    }
-    failed.extend(unwritten);
-
+    // 3. write, as the owner: a row that cannot be written is a failure of its own;
     // 4. record failures and skips, forget the records of rows that are settled
-    failures::record(
+    let writing = Instant::now();
+    let failed = settle(
         w,
-        catalog_role,
+        &tag,
+        via,
         &claimed,
-        &done.outcomes,
-        &failed,
+        &mut done.outcomes,
+        &done.errors,
         &done.skips,
+        !raise,
     );
     phases.write = writing.elapsed();
     let report = BatchReport {
         claimed: claimed.len() as i64,
         filled: done.outcomes.iter().filter(|o| o.vector.is_some()).count() as i64,
-        failed: failed.len() as i64,
+        failed: failed as i64,
         skipped: done.skips.len() as i64,
         deduped: done.deduped,
         released: done.released.len() as i64,
@@ -179,4 +178,33 @@ pub fn run(w: &Watched, limit: i64, via: Via, only: Option<&[String]>, raise: bo
     };
     failures::log_batch(w, via, catalog_role, &report, &phases);
     report
+}
+
+/// Phases 3 and 4 of a batch, shared with external workers' answers ([`remote`]): the rows'
+/// outcomes written as the owner (with `isolate`, a row that cannot be written becomes a failure
+/// of its own, its outcome dropped), then failures and skips recorded and the records of settled
+/// rows forgotten, as the catalog role. Rows of `claimed` without an outcome, failure or skip are
+/// left as they are. Returns how many rows failed.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    w: &Watched,
+    tag: &str,
+    via: Via,
+    claimed: &[Claimed],
+    outcomes: &mut [Outcome],
+    errors: &[(usize, doppler_core::Error)],
+    skips: &[(usize, String)],
+    isolate: bool,
+) -> usize {
+    let mut failed = failures::of_errors(errors);
+    let held = failures::held(claimed, &failed, skips);
+    let unwritten = as_owner(w.owner, || {
+        write::write(w, tag, claimed, outcomes, &held, isolate)
+    });
+    for f in &unwritten {
+        outcomes[f.row] = Outcome::default();
+    }
+    failed.extend(unwritten);
+    failures::record(w, via.catalog_role(), claimed, outcomes, &failed, skips);
+    failed.len()
 }

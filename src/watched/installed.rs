@@ -84,6 +84,12 @@ impl Installed {
         self >= Installed(0, 9, 0)
     }
 
+    /// doppler.watched has `workers`, doppler.models `sha256`, and the external workers' registry
+    /// and functions exist (0.10.0).
+    pub fn has_workers(self) -> bool {
+        self >= Installed(0, 10, 0)
+    }
+
     /// The stale-clearing trigger function is 0.1.0's PL/pgSQL one, which takes the derived
     /// columns as trigger arguments (later ones read them from doppler.watched).
     pub fn stale_trigger_takes_columns(self) -> bool {

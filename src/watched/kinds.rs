@@ -96,3 +96,27 @@ closed_set!(
     /// pgvector's halfvec(n).
     Halfvec => "halfvec",
 });
+
+closed_set!(
+    /// Who may fill a watched table's rows in the background (`watch(..., workers => ...)`).
+    Workers, "workers", {
+    /// The server's own background worker only (the default).
+    Server => "server",
+    /// External `doppler-worker` processes only (members of doppler_worker); the server's
+    /// worker leaves the table alone.
+    External => "external",
+    /// Both, at once.
+    Any => "any",
+});
+
+impl Workers {
+    /// Whether the server's background worker fills the table.
+    pub fn server(self) -> bool {
+        matches!(self, Workers::Server | Workers::Any)
+    }
+
+    /// Whether external workers may claim its rows.
+    pub fn external(self) -> bool {
+        matches!(self, Workers::External | Workers::Any)
+    }
+}

@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 use crate::errors::{raise, warn, Code, SpiOrRaise};
 use crate::privileged::{as_catalog, extension_owner};
 use crate::session;
-pub use kinds::{Mode, OnError, SourceKind, VectorKind};
+pub use kinds::{Mode, OnError, SourceKind, VectorKind, Workers};
 
 /// A watched table, as doppler.watched and the catalogs describe it.
 #[derive(Clone, Debug)]
@@ -62,6 +62,9 @@ pub struct Watched {
     pub overruns: i32,
     /// Whether the worker leaves the table alone for now, after an overrun (`backoff_until`).
     pub backed_off: bool,
+    /// Who fills it in the background: the server's worker, external workers, or both (0.10.0;
+    /// `server` in an older catalog).
+    pub workers: Workers,
 }
 
 /// What the model column holds in a row that doppler holds back: its image failed, or its hash
@@ -88,7 +91,8 @@ const WATCHED_SQL: &str = "
            (MISFIT),
            coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'overruns')::pg_catalog.int4, 0),
            coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'backoff_until')::pg_catalog.timestamptz
-                    OPERATOR(pg_catalog.>) pg_catalog.now(), false)
+                    OPERATOR(pg_catalog.>) pg_catalog.now(), false),
+           coalesce(pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'workers', 'server')
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -190,6 +194,7 @@ fn read(sql: &str, args: Vec<pgrx::datum::DatumWithOid>) -> Vec<Watched> {
                     misfit: r.get(20)?,
                     overruns: r.get(21)?.unwrap_or(0),
                     backed_off: r.get(22)?.unwrap_or(false),
+                    workers: closed(Workers::parse, r.get(23)?, "workers", &name),
                     name,
                 });
             }

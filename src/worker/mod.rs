@@ -12,7 +12,7 @@
 //! [`MISSING_RECHECK`] (a catalog read, no connection attempt) until it can connect.
 
 mod pass;
-mod timeout;
+pub mod timeout;
 mod wake;
 
 use std::ffi::CString;

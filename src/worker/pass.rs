@@ -44,7 +44,13 @@ pub fn one_pass(state: &mut Passes) -> bool {
     let tables = in_transaction("reading doppler.watched", || {
         let installed = Installed::get()?;
         super::check_version(installed);
-        Some(watched::load_all())
+        // (tables only external workers fill are not this worker's)
+        Some(
+            watched::load_all()
+                .into_iter()
+                .filter(|w| w.workers.server())
+                .collect::<Vec<_>>(),
+        )
     })
     .flatten();
     let Some(tables) = tables else {

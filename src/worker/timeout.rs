@@ -53,13 +53,14 @@ unsafe extern "C-unwind" {
     fn enable_timeout_after(id: c_int, delay_ms: c_int);
     fn disable_timeout(id: c_int, keep_indicator: bool);
     fn RegisterTimeout(id: c_int, handler: extern "C" fn()) -> c_int;
+    fn get_timeout_indicator(id: c_int, reset_indicator: bool) -> bool;
 }
 
 /// The id of this process's overrun timer (0: not registered).
 static OVERRUN_TIMER: AtomicI32 = AtomicI32::new(0);
 
 /// The overrun timer's handler, in signal context: what `die()` does for SIGTERM in a backend
-/// (ProcessInterrupts then ends a background worker with a FATAL at its next interrupt check).
+/// (ProcessInterrupts then ends the process with a FATAL at its next interrupt check).
 extern "C" fn overrun() {
     // SAFETY: only sig_atomic_t flags and SetLatch, which are safe in a signal handler.
     unsafe {
@@ -71,7 +72,8 @@ extern "C" fn overrun() {
     }
 }
 
-/// Registers the overrun timer (once per process, after the connection is made).
+/// Registers the overrun timer (once per process, after the connection is made: the background
+/// worker, or a backend that serves an external worker's claims).
 pub fn init() {
     if OVERRUN_TIMER.load(Ordering::Relaxed) == 0 {
         // SAFETY: timeouts are initialized in a background worker with a connection.
@@ -92,20 +94,32 @@ pub fn limit() -> Option<Duration> {
 pub fn run<R>(slot: usize, relid: pg_sys::Oid, owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     set_filling(slot, relid.to_u32(), owner.to_u32());
     if let Some(limit) = limit() {
-        let ms = |d: Duration| d.as_millis().min(i32::MAX as u128) as c_int;
-        // SAFETY: timers of this process; both are disarmed after the batch (disarm)
-        unsafe {
-            enable_timeout_after(STATEMENT_TIMEOUT, ms(limit));
-            let timer = OVERRUN_TIMER.load(Ordering::Relaxed);
-            if timer != 0 {
-                enable_timeout_after(timer, ms(limit + GRACE));
-            }
-        }
+        arm(limit);
     }
     let r = f();
     disarm();
     set_filling(slot, 0, 0);
     r
+}
+
+/// Arms both timers: the cancel at `limit` (the statement timeout's timer), this process's end
+/// [`GRACE`] later (when [`init`] registered it). [`disarm`] undoes it.
+pub fn arm(limit: Duration) {
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128) as c_int;
+    // SAFETY: timers of this process; the caller disarms them
+    unsafe {
+        enable_timeout_after(STATEMENT_TIMEOUT, ms(limit));
+        let timer = OVERRUN_TIMER.load(Ordering::Relaxed);
+        if timer != 0 {
+            enable_timeout_after(timer, ms(limit + GRACE));
+        }
+    }
+}
+
+/// Whether the cancel of [`arm`] has fired since it was armed (clearing the indicator).
+pub fn cancel_fired() -> bool {
+    // SAFETY: reads (and resets) a flag of this process's timer
+    unsafe { get_timeout_indicator(STATEMENT_TIMEOUT, true) }
 }
 
 /// Disarms both timers (the batch ended, or its transaction is being rolled back).

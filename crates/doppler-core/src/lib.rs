@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod decode;
 pub mod dhash;
+pub mod digest;
 pub mod error;
 pub mod fetch;
 pub mod model;

@@ -14,6 +14,13 @@ pub struct Net {
     bits: u8,
 }
 
+impl std::fmt::Display for Net {
+    /// CIDR form, as [`Net::parse`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.bits)
+    }
+}
+
 impl Net {
     pub fn parse(s: &str) -> Option<Net> {
         let (a, b) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
