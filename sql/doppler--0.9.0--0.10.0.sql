@@ -240,7 +240,8 @@ COMMENT ON VIEW @extschema@.status IS
 -- tables whose owners allowed external workers (watch(..., workers => 'external' | 'any')) and
 -- write their features, through doppler.worker_* only; no privilege on any user table.
 -- A role of that name made by someone else first (a CREATEROLE user, to hold it with ADMIN and
--- grant it to itself) is refused, not adopted.
+-- grant it to itself) is refused, not adopted. (Its members are kept: an install in another
+-- database of the cluster made it, and the DBA granted them.)
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'doppler_worker') THEN

@@ -142,11 +142,11 @@ pub fn in_subtransaction_kept<R>(
         Ok(r)
     })
     .catch_others(move |e| {
-        let (code, msg) = match &e {
+        let (code, msg, interrupt) = match &e {
             pg_sys::panic::CaughtError::PostgresError(r)
             | pg_sys::panic::CaughtError::ErrorReport(r)
             | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                (r.sql_error_code(), r.message().to_string())
+                (r.sql_error_code(), r.message().to_string(), is_interrupt(r))
             }
         };
         // Always roll the subtransaction back first: an error that leaves it open would leave
@@ -158,13 +158,22 @@ pub fn in_subtransaction_kept<R>(
             pg_sys::CurrentResourceOwner = owner;
         }
         // a cancel or statement_timeout is the caller's, not the row's (a terminate or shutdown
-        // is a FATAL, never caught here: an ERROR with its SQLSTATE is some code's own RAISE)
-        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
+        // is a FATAL, never caught here); an ERROR with its SQLSTATE that some code RAISEd
+        // itself is that code's failure
+        if interrupt {
             e.rethrow();
         }
         Err((code, msg))
     })
     .execute()
+}
+
+/// Whether an ERROR is the server's own cancel (a cancel request, `statement_timeout`, a lock or
+/// recovery-conflict timeout: raised where the server processes interrupts), not a
+/// `query_canceled` that some code raised itself.
+pub fn is_interrupt(r: &pgrx::pg_sys::panic::ErrorReportWithLevel) -> bool {
+    r.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+        && r.function_name() == Some("ProcessInterrupts")
 }
 
 /// Postgres packs the five SQLSTATE characters six bits each.

@@ -98,7 +98,8 @@ fn current_xid() -> pg_sys::TransactionId {
 
 /// Claims up to `limit` rows of `w` (locked by the caller for this transaction) for external
 /// worker `worker`, whose model file must have SHA-256 `sha256`. None when the table has no row
-/// to take. Raises 55000 when this transaction holds a batch already.
+/// to take; an empty batch when every row taken was refused (recorded as failures). Raises 55000
+/// when this transaction holds a batch already.
 pub fn claim(w: &Watched, worker: i64, limit: i64, sha256: &str, dim: usize) -> Option<Batch> {
     check_none_held();
     let t0 = Instant::now();
@@ -134,7 +135,10 @@ pub fn claim(w: &Watched, worker: i64, limit: i64, sha256: &str, dim: usize) -> 
         .map(|(_, c)| c)
         .collect();
     if claimed.is_empty() {
-        return None;
+        // (an empty batch when rows were refused: their records are to be kept)
+        return (!refused.is_empty()).then(|| Batch {
+            sources: Vec::new(),
+        });
     }
     let sources = claimed.iter().map(|c| c.source.clone()).collect();
     let n = claimed.len();

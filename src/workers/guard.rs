@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgLwLock};
 
-use crate::errors::{raise, Code};
+use crate::errors::{is_interrupt, raise, Code};
 use crate::gucs;
 use crate::worker::timeout;
 
@@ -72,15 +72,31 @@ pub fn passed_over(relid: pg_sys::Oid) -> bool {
     if !registered() {
         return false;
     }
-    MARKED.share().iter().any(|&[r, proc, t]| {
-        r == relid
-            && match proc {
-                0 => now < t,
-                p if p == me => false,
-                // in a call now, or ended (or stuck) past its deadline lately
-                _ => now < t.saturating_add(backoff),
+    let mut all = MARKED.exclusive();
+    let mut passed = false;
+    for m in all.iter_mut().filter(|m| m[0] == relid) {
+        let [_, pid, t] = *m;
+        passed |= match pid {
+            0 => now < t,
+            p if p == me => false,
+            // a backend that ended before its deadline (terminated, crashed) did not overrun:
+            // its marker goes
+            p if now < t && !alive(p) => {
+                *m = [0, 0, 0];
+                false
             }
-    })
+            // in a call now, or ended (or stuck) past its deadline: an overrun
+            _ => now < t.saturating_add(backoff),
+        };
+    }
+    passed
+}
+
+/// Whether process `pid` is alive (a backend of this server runs as the same OS user).
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Runs `f`, a claim or write of table `relid` (its owner's code), under [`limit`]: marked while
@@ -90,6 +106,9 @@ pub fn run<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     timeout::init();
     let limit = limit();
     mark(relid, now().saturating_add(limit.as_secs().max(1) as u32));
+    let started = std::time::Instant::now();
+    // (overran: measured by this clock, not by the timer's flag, which the cancel itself clears)
+    let overran = move || started.elapsed() + Duration::from_millis(50) >= limit;
     timeout::arm(limit);
     let mut f = Some(f);
     let f = std::panic::AssertUnwindSafe(&mut f);
@@ -97,29 +116,39 @@ pub fn run<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         let f = f;
         (f.0.take().expect("run once"))()
     })
-        .catch_others(move |e| {
-            timeout::disarm();
-            if !timeout::cancel_fired() {
-                unmark();
-                e.rethrow()
-            }
-            back_off(relid);
-            // (not the cancel itself: a caller's cancel must end the statement, this one only
-            // the table's turn)
-            raise(
-                Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-                format!(
-                    "a claim or write of relation {} for an external worker overran {} s (its owner's code); external workers pass it over for {} minutes",
-                    relid.to_u32(),
-                    limit.as_secs(),
-                    BACKOFF.as_secs() / 60
-                ),
-                "",
-            )
-        })
-        .execute();
+    .catch_others(move |e| {
+        timeout::disarm();
+        let cancelled = match &e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => is_interrupt(r),
+        };
+        if !(cancelled && overran()) {
+            unmark();
+            e.rethrow()
+        }
+        back_off(relid);
+        // (not the cancel itself: a caller's cancel must end the statement, this one only
+        // the table's turn)
+        raise(
+            Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "a claim or write of relation {} for an external worker overran {} s (its owner's code); external workers pass it over for {} minutes",
+                relid.to_u32(),
+                limit.as_secs(),
+                BACKOFF.as_secs() / 60
+            ),
+            "",
+        )
+    })
+    .execute();
     timeout::disarm();
-    unmark();
+    if overran() {
+        // the owner's code caught the cancel and returned within the grace
+        back_off(relid);
+    } else {
+        unmark();
+    }
     r
 }
 

@@ -307,7 +307,9 @@ pub fn claim(worker: i64, max_rows: i32, skip: &[pg_sys::Oid]) -> Vec<ClaimRow> 
             (batch, found)
         });
         match tried {
+            // (an empty batch: its rows were refused and recorded, the subtransaction kept)
             Ok(None) => continue,
+            Ok(Some(batch)) if batch.is_empty() => continue,
             Ok(Some(batch)) => {
                 rows = batch;
                 break;

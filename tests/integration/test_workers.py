@@ -191,7 +191,9 @@ class Worker:
         self.out_path, self.err_path = base + ".out", base + ".err"
         self.args = [BIN, "--model-dir", model_dir, "--ort-library", ORT, "--provider", "cpu",
                      "--intra-op-threads", "1", "--decode-threads", "1", "--batch", str(batch),
-                     "--poll-interval", "0.2", "--name", name, *(["--once"] if once else []), *extra,
+                     "--poll-interval", "0.2", "--name", name, *(["--once"] if once else []),
+                     # (the image server is on loopback: this host allows it, as the server does)
+                     "--url-allowed-network", "127.0.0.0/24", *extra,
                      f"host={cluster.dir} dbname={db} user={user}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and not k.startswith("DOPPLER_WORKER")}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -830,7 +832,15 @@ BEGIN RAISE EXCEPTION 'hostile trigger'; END $f$;
 CREATE OR REPLACE FUNCTION {HOSTILE}.nap() RETURNS boolean LANGUAGE plpgsql AS $f$
 BEGIN PERFORM pg_catalog.pg_sleep(3600); RETURN true; END $f$;
 CREATE OR REPLACE FUNCTION {HOSTILE}.nap_trigger() RETURNS trigger LANGUAGE plpgsql AS $f$
-BEGIN PERFORM pg_catalog.pg_sleep(3600); RETURN NEW; END $f$"""
+BEGIN PERFORM pg_catalog.pg_sleep(3600); RETURN NEW; END $f$;
+CREATE OR REPLACE FUNCTION {HOSTILE}.fake_cancel() RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled'; END $f$;
+CREATE OR REPLACE FUNCTION {HOSTILE}.nap_swallowing() RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN
+    LOOP
+        BEGIN PERFORM pg_catalog.pg_sleep(3600); EXCEPTION WHEN query_canceled THEN NULL; END;
+    END LOOP;
+END $f$"""
 
 
 def hostile_table(h, name, how):
@@ -839,10 +849,11 @@ def hostile_table(h, name, how):
     sleeps an hour)."""
     t = make_table(h, name, schema=HOSTILE, priority=2147483647)
     insert(h, t, [read(PATHS[2])])
-    if how in ("policy", "sleeping policy"):
+    if how in ("policy", "sleeping policy", "fake cancel", "swallowing policy"):
         h.execute(f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY")
         h.execute(f"ALTER TABLE {t} FORCE ROW LEVEL SECURITY")
-        fn = "boom" if how == "policy" else "nap"
+        fn = {"policy": "boom", "sleeping policy": "nap", "fake cancel": "fake_cancel",
+              "swallowing policy": "nap_swallowing"}[how]
         h.execute(f"CREATE POLICY p ON {t} USING ({HOSTILE}.{fn}())")
     else:
         fn = "boom_trigger" if how == "trigger" else "nap_trigger"
@@ -894,6 +905,73 @@ def test_a_hostile_owner_that_sleeps_does_not_stop_the_workers(wc, admin, owner,
                 w.kill()  # (then its server process, which may sleep on: the owner fixture ends it)
     finally:
         set_system(admin, None, worker_lease=None)
+
+
+def claim_as_worker(wc, user=WROLE):
+    """One claim in a fresh worker connection (registered for it): (seconds, rows, tables,
+    error SQLSTATE or None, notices)."""
+    c = wc.connect(user=user)
+    notes = []
+    c.add_notice_handler(lambda d: notes.append(d.message_primary))
+    wid = c.execute("SELECT id FROM doppler.worker_register('test', 1, 'cpu', 'x')").fetchone()[0]
+    c.autocommit = False
+    t0 = time.time()
+    try:
+        rows = c.execute("SELECT n, tbl FROM doppler.worker_claim(%s, 8)", (wid,)).fetchall()
+        err = None
+    except psycopg.OperationalError:
+        rows, err = [], "connection lost"
+    except psycopg.Error as e:
+        rows, err = [], e.sqlstate
+    took = time.time() - t0
+    if not c.closed and err != "connection lost":
+        c.rollback()
+        c.autocommit = True
+        c.execute("SELECT doppler.worker_unregister(%s)", (wid,))
+    c.close()
+    return took, len(rows), {r[1] for r in rows}, err, notes
+
+
+@pytest.mark.parametrize("how", ["sleeping policy", "swallowing policy"])
+def test_a_table_that_overran_is_passed_over_by_every_worker(wc, admin, owner, how):
+    """A claim that the owner's code keeps past the limit (doppler.worker_lease, 5 s here; a
+    policy that sleeps, or one that swallows the cancel) ends that table's turn (a WARNING,
+    the claim goes on with the other table) or the connection (the cancel swallowed); then every
+    other worker connection passes the table over at once (shared memory), for 10 minutes."""
+    set_system(admin, None, worker_lease=f"{LEASE_S}s")
+    try:
+        with wc.connect(user=HOSTILE) as h:
+            h.execute(HOSTILE_CODE)
+            ht = hostile_table(h, f"overruns_{how.split()[0]}", how)
+            t = make_table(owner, f"after_overrun_{how.split()[0]}")
+            insert(owner, t, pngs(4, seed=11))
+            took, n, tables, err, notes = claim_as_worker(wc)
+            print(f"{how}: first claim {took:.1f} s, {n} rows of {tables}, error {err}, notices {notes}")
+            assert took >= LEASE_S - 0.5
+            if how == "sleeping policy":
+                assert err is None and tables == {t}, (err, tables)
+                assert any("overran" in m for m in notes), notes
+            else:
+                assert err is not None  # the connection ended a second after the cancel
+            took, n, tables, err, notes = claim_as_worker(wc)
+            print(f"{how}: next claim {took:.2f} s, {n} rows of {tables}, error {err}")
+            assert err is None and tables == {t} and took < 2, (took, tables, err)
+            assert admin.execute(f"SELECT count(features) FROM {ht}").fetchone()[0] == 0
+    finally:
+        set_system(admin, None, worker_lease=None)
+
+
+def test_a_fake_cancel_is_the_tables_failure_not_the_claims(wc, admin, owner):
+    """A policy that RAISEs query_canceled itself is that table's failure (a WARNING, passed
+    over by the connection), not a cancel of the whole claim: the other owner's rows come."""
+    with wc.connect(user=HOSTILE) as h:
+        h.execute(HOSTILE_CODE)
+        hostile_table(h, "fake_cancel", "fake cancel")
+        t = make_table(owner, "after_fake_cancel")
+        insert(owner, t, pngs(4, seed=12))
+        took, n, tables, err, notes = claim_as_worker(wc)
+        assert err is None and tables == {t}, (err, tables, notes)
+        assert any("canceling statement due to user request" in m for m in notes), notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ Options:
   --ort-library PATH       absolute path of libonnxruntime.so (default $ORT_DYLIB_PATH
                            or /usr/lib/doppler/libonnxruntime.so)
   --path-map FROM=TO       read the server's path FROM/x at TO/x (repeatable; longest FROM wins)
+  --file-root DIR          read image files only inside DIR (repeatable; default: the --path-map
+                           targets, else the server's doppler.file_roots); the server can only narrow it
+  --url-allowed-network CIDR
+                           a private network URLs may reach when the server allows it too
+                           (repeatable; default none: public addresses only)
   --poll-interval SECONDS  wait between empty claims (default 2; backs off to 10x when idle)
   --health-port PORT       serve GET /healthz and /readyz on this port (default 0: off)
   --name NAME              this worker's name in doppler.workers (default: the hostname)
@@ -89,6 +94,12 @@ pub struct Args {
     pub batch: i32,
     pub ort_library: String,
     pub path_map: PathMap,
+    /// `--file-root`: folders of this host the worker reads images in, whatever the server
+    /// says (empty: the `--path-map` targets, else the server's file_roots).
+    pub file_roots: Vec<String>,
+    /// `--url-allowed-network`: private networks the worker may fetch from when the server
+    /// allows them too (empty: public addresses only, whatever the server allows).
+    pub url_networks: Vec<String>,
     pub poll_interval: Duration,
     pub health_port: u16,
     /// `--name`; None: the hostname.
@@ -114,6 +125,8 @@ pub fn parse(argv: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         batch: 32,
         ort_library: nonempty("ORT_DYLIB_PATH").unwrap_or_else(|| DEFAULT_ORT_LIBRARY.into()),
         path_map: PathMap::default(),
+        file_roots: Vec::new(),
+        url_networks: Vec::new(),
         poll_interval: Duration::from_secs(2),
         health_port: 0,
         name: None,
@@ -181,6 +194,23 @@ pub fn parse(argv: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             "--batch" => a.batch = number(name, &value()?, 1, MAX_BATCH as u64)? as i32,
             "--ort-library" => a.ort_library = value()?,
             "--path-map" => rules.push(Rule::parse(&value()?)?),
+            "--file-root" => {
+                let v = value()?;
+                if !v.starts_with('/') || v.split('/').any(|c| c == "..") {
+                    return Err(format!(
+                        "{name} \"{v}\" must be an absolute folder without .."
+                    ));
+                }
+                a.file_roots.push(v);
+            }
+            "--url-allowed-network" => {
+                for n in value()?.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    if doppler_core::fetch::Net::parse(n).is_none() {
+                        return Err(format!("{name} \"{n}\" is not a network (CIDR)"));
+                    }
+                    a.url_networks.push(n.to_string());
+                }
+            }
             "--poll-interval" => {
                 let v = value()?;
                 let secs: f64 = v

@@ -357,7 +357,7 @@ mod tests {
         rows.push(claimed(21, Some("/srv/pics/no-such-file.jpg"), None));
         rows.push(claimed(22, None, Some(b"not an image")));
         rows.push(claimed(23, None, None));
-        let settings = crate::settings::parse("{}", &paths).unwrap();
+        let settings = crate::settings::parse("{}", &paths, &Default::default()).unwrap();
         let opts = Options {
             decode_threads: 3,
             want_hash: true,

@@ -151,6 +151,10 @@ fn start(a: Args) -> Result<ExitCode, (u8, String)> {
         decode_threads: a.decode_threads,
         poll_interval: a.poll_interval,
         paths: a.path_map,
+        caps: settings::Caps {
+            file_roots: a.file_roots,
+            networks: a.url_networks,
+        },
     };
     let server = Server {
         config,

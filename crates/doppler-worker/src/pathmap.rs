@@ -94,6 +94,11 @@ impl PathMap {
             .unwrap_or(Cow::Borrowed(path))
     }
 
+    /// The TO folders of the rules (where the server's paths are mounted here).
+    pub fn targets(&self) -> Vec<String> {
+        self.rules.iter().map(|r| r.to.clone()).collect()
+    }
+
     /// The server's `file_roots` as folders of this host: each root mapped, and the TO of every
     /// rule whose FROM lies inside a root (the part of that root mounted elsewhere). doppler-core
     /// checks the file actually opened (symlinks and `..` resolved) against these, so a mapped

@@ -115,8 +115,54 @@ fn secs(v: f64, default: u64) -> Duration {
     }
 }
 
-/// Parses the settings jsonb (as text); `paths` maps the server's file_roots to this host.
-pub fn parse(json: &str, paths: &PathMap) -> Result<Settings, String> {
+/// What this host allows whatever the server says (the command line): the server's settings can
+/// narrow it, never widen it.
+#[derive(Clone, Debug, Default)]
+pub struct Caps {
+    /// Folders image files are read in (empty: the path map's targets, else the server's roots).
+    pub file_roots: Vec<String>,
+    /// Private networks URLs may reach, when the server allows them too.
+    pub networks: Vec<String>,
+}
+
+/// A root no path is inside (doppler-core matches absolute roots only): "no file at all".
+const NO_FILE: &str = "\u{0}";
+
+/// Whether folder `inner` is `outer` or inside it.
+fn inside(inner: &str, outer: &str) -> bool {
+    let outer = outer.trim_end_matches('/');
+    inner == outer || inner.starts_with(&format!("{outer}/")) || outer.is_empty()
+}
+
+/// The roots both this host and the server allow: `own` (empty: anywhere) and `server` (the
+/// server's roots mapped; empty: anywhere).
+fn both_roots(own: Vec<String>, server: Vec<String>) -> Vec<String> {
+    match (own.is_empty(), server.is_empty()) {
+        (true, _) => server,
+        (false, true) => own,
+        (false, false) => {
+            let mut out: Vec<String> = server
+                .iter()
+                .filter(|s| own.iter().any(|o| inside(s, o)))
+                .cloned()
+                .collect();
+            out.extend(
+                own.iter()
+                    .filter(|o| server.iter().any(|s| inside(o, s)))
+                    .cloned(),
+            );
+            out.dedup();
+            if out.is_empty() {
+                out.push(NO_FILE.to_string());
+            }
+            out
+        }
+    }
+}
+
+/// Parses the settings jsonb (as text); `paths` maps the server's file_roots to this host;
+/// `caps` is what this host allows.
+pub fn parse(json: &str, paths: &PathMap, caps: &Caps) -> Result<Settings, String> {
     let unreadable = |e: String| {
         format!("doppler.worker_register returned settings the worker cannot read: {e}")
     };
@@ -127,6 +173,7 @@ pub fn parse(json: &str, paths: &PathMap) -> Result<Settings, String> {
     }
     let raw: Raw = serde_json::from_value(value).map_err(|e| unreadable(e.to_string()))?;
     let mut bad_networks = Vec::new();
+    let own_networks: Vec<Net> = caps.networks.iter().filter_map(|n| Net::parse(n)).collect();
     let url = raw.url.unwrap_or_default();
     let urls = raw.allow_urls.then(|| {
         let u = &url;
@@ -142,6 +189,8 @@ pub fn parse(json: &str, paths: &PathMap) -> Result<Settings, String> {
                     }
                     net
                 })
+                // (only where this host allows it too)
+                .filter(|n| own_networks.iter().any(|o| o.covers(n)))
                 .collect(),
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
             timeout: Duration::from_millis(u.timeout_ms),
@@ -172,7 +221,14 @@ pub fn parse(json: &str, paths: &PathMap) -> Result<Settings, String> {
     Ok(Settings {
         policy: SourcePolicy {
             max_bytes: raw.max_image_bytes,
-            file_roots: paths.map_roots(&raw.file_roots),
+            file_roots: both_roots(
+                if caps.file_roots.is_empty() {
+                    paths.targets()
+                } else {
+                    caps.file_roots.clone()
+                },
+                paths.map_roots(&raw.file_roots),
+            ),
             urls,
         },
         limits: Limits {
@@ -215,9 +271,14 @@ mod tests {
     #[test]
     fn full_settings() {
         let paths = PathMap::new(vec![Rule::parse("/srv/images=/mnt/img").unwrap()]);
-        let s = parse(FULL, &paths).unwrap();
+        let caps = Caps {
+            file_roots: Vec::new(),
+            networks: vec!["0.0.0.0/0".into(), "::/0".into()],
+        };
+        let s = parse(FULL, &paths, &caps).unwrap();
         assert_eq!(s.policy.max_bytes, 1 << 20);
-        assert_eq!(s.policy.file_roots, ["/mnt/img", "/var/lib/pics"]);
+        // (the path map's target is this host's own root: the server's other root is not mounted)
+        assert_eq!(s.policy.file_roots, ["/mnt/img"]);
         let u = s.policy.url_policy().unwrap();
         assert_eq!(u.allowed_hosts, ["img.example.com", ".cdn.example"]);
         assert_eq!(u.allowed_networks.len(), 2);
@@ -244,10 +305,51 @@ mod tests {
     }
 
     #[test]
+    fn the_server_only_narrows_what_this_host_allows() {
+        // networks: the server's, where this host allows them too
+        let none = parse(FULL, &PathMap::default(), &Caps::default()).unwrap();
+        assert!(none
+            .policy
+            .url_policy()
+            .unwrap()
+            .allowed_networks
+            .is_empty());
+        let caps = Caps {
+            file_roots: Vec::new(),
+            networks: vec!["10.1.0.0/16".into()],
+        };
+        assert!(parse(FULL, &PathMap::default(), &caps)
+            .unwrap()
+            .policy
+            .url_policy()
+            .unwrap()
+            .allowed_networks
+            .is_empty());
+        // roots: both, or none at all
+        assert_eq!(
+            both_roots(vec!["/mnt".into()], vec!["/mnt/a".into(), "/srv".into()]),
+            ["/mnt/a"]
+        );
+        assert_eq!(both_roots(vec!["/mnt".into()], Vec::new()), ["/mnt"]);
+        assert_eq!(both_roots(Vec::new(), vec!["/srv".into()]), ["/srv"]);
+        assert_eq!(
+            both_roots(vec!["/mnt".into()], vec!["/srv".into()]),
+            [NO_FILE]
+        );
+        let own = Caps {
+            file_roots: vec!["/data/pics".into()],
+            networks: Vec::new(),
+        };
+        let s = parse("{}", &PathMap::default(), &own).unwrap();
+        assert_eq!(s.policy.file_roots, ["/data/pics"]);
+    }
+
+    #[test]
     fn urls_off_and_defaults() {
         let s = parse(
             r#"{"allow_urls": false, "url": {"timeout_ms": 1}}"#,
             &PathMap::default(),
+            &Caps::default(),
         )
         .unwrap();
         assert!(s.policy.urls.is_none());
@@ -259,6 +361,7 @@ mod tests {
         let s = parse(
             r#"{"allow_urls": true, "url": {"user_agent": null}, "heartbeat_s": 0}"#,
             &PathMap::default(),
+            &Caps::default(),
         )
         .unwrap();
         assert_eq!(s.policy.urls.unwrap().user_agent, USER_AGENT);
@@ -276,7 +379,10 @@ mod tests {
             r#"{"limits": {"max_pixels": "many"}}"#,
             r#"{"allow_urls": "yes"}"#,
         ] {
-            assert!(parse(bad, &PathMap::default()).is_err(), "{bad}");
+            assert!(
+                parse(bad, &PathMap::default(), &Caps::default()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

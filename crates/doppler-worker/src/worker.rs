@@ -44,6 +44,8 @@ pub struct Plan {
     pub decode_threads: usize,
     pub poll_interval: Duration,
     pub paths: PathMap,
+    /// What this host allows whatever the server says (`--file-root`, `--url-allowed-network`).
+    pub caps: settings::Caps,
 }
 
 /// How the worker ended.
@@ -233,7 +235,7 @@ impl Worker {
             }
             Err(e) => return Err(failed("register_failed", &e)),
         };
-        let settings = match settings::parse(&reg.settings, &self.plan.paths) {
+        let settings = match settings::parse(&reg.settings, &self.plan.paths, &self.plan.caps) {
             Ok(s) => s,
             Err(m) => {
                 log::error("register_failed")

@@ -30,6 +30,11 @@ impl Net {
         (bits <= max).then_some(Net { addr, bits })
     }
 
+    /// Whether every address of `other` is in this network.
+    pub fn covers(&self, other: &Net) -> bool {
+        self.bits <= other.bits && self.contains(other.addr)
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(n), IpAddr::V4(i)) => prefix_eq(&n.octets(), &i.octets(), self.bits),
