@@ -12,8 +12,10 @@ same generated images (mixed sizes 200×150 … 4000×3000, JPEG and PNG), same 
      cold first call in a new backend;
   5. the worker's peak RSS (VmHWM).
 And the writer-side costs of the trigger modes: INSERT into an async-watched vs unwatched table; sync COPY vs fill.
-Sections of their own (`scripts/bench claims|scale|concurrency|urls`); `urls`: fill from URLs served by
-scripts/imageweb.py (8 loopback hosts, 0/50/200 ms per response) against fill from the same files.
+Sections of their own (`scripts/bench claims|scale|concurrency|urls|workers`); `urls`: fill from URLs served by
+scripts/imageweb.py (8 loopback hosts, 0/50/200 ms per response) against fill from the same files; `workers`: rows/s
+of one and two external doppler-worker processes, and the database server's CPU per 1 000 rows with them against
+CALL doppler.fill in the server.
 """
 import argparse
 import io
@@ -33,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "integration"))
 os.environ.setdefault("DOPPLER_IT_PG", "pg18")
-from conftest import DEPS, MODELS, Cluster  # noqa: E402
+from conftest import DEPS, MODELS, ORT, Cluster  # noqa: E402
 from imageweb import ImageWeb  # noqa: E402  (scripts/imageweb.py)
 
 MODELS_UNDER_TEST = {
@@ -916,6 +918,386 @@ def url_costs(c, web, memes, rows_n, batch, reps, models=("efficientnet_lite0", 
     return out
 
 
+WORKERS_HEAD = "## More than one machine: external workers"
+WORKER_SIDE = (320, 240)
+
+
+def make_small_images(dest):
+    """The sample photos at 320×240, baseline JPEG at quality 80, 85, 90 and 95 (four files per photo): images whose
+    preparation (read + decode + resize, ~0.8 ms with doppler-core on one core) is a small part of a model run on
+    one ORT thread, so that the model, not decoding, bounds a worker."""
+    os.makedirs(dest, exist_ok=True)
+    photos_dir = os.environ.get("DOPPLER_PHOTOS", f"{DEPS}/photos")
+    photos = sorted(os.path.join(photos_dir, p) for p in os.listdir(photos_dir) if p.endswith((".png", ".jpg")))
+    w, h = WORKER_SIDE
+    paths = []
+    for i, photo in enumerate(photos):
+        img = None
+        for q in (80, 85, 90, 95):
+            path = os.path.join(dest, f"small_{i:02d}_q{q}_{w}x{h}.jpg")
+            paths.append(path)
+            if os.path.exists(path):
+                continue
+            img = img or Image.open(photo).convert("RGB").resize((w, h), Image.BICUBIC)
+            img.save(path, "JPEG", quality=q)
+            os.chmod(path, 0o644)
+    os.chmod(dest, 0o755)
+    return paths
+
+
+def proc_stat(pid):
+    """(ppid, start time, utime + stime in clock ticks) of a process, from /proc/PID/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return None
+    f = s[s.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ... (proc(5) field 3 onwards)
+    return int(f[1]), int(f[19]), int(f[11]) + int(f[12])
+
+
+class ClusterCPU:
+    """The CPU time (user + system) of every process of a cluster, the postmaster and its children, from a start to
+    a stop: sampled every `interval` s on a thread, the highest figure per process kept, so that a backend that ends
+    in between (a worker's connection) keeps what it had at its last sample. `exclude`: pids left out (the
+    benchmark's own polling connection)."""
+
+    def __init__(self, cluster, exclude=(), interval=0.2):
+        import threading
+        with open(os.path.join(cluster.data, "postmaster.pid")) as f:
+            self.pm = int(f.readline())
+        self.exclude, self.interval = set(exclude), interval
+        self.base = self._read()
+        self.peak = dict(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) in self.exclude:
+                continue
+            st = proc_stat(d)
+            if st and (int(d) == self.pm or st[0] == self.pm):
+                out[(int(d), st[1])] = st[2]  # (pid, start time): a pid used again is another process
+        return out
+
+    def _merge(self, snap):
+        for k, v in snap.items():
+            if v > self.peak.get(k, -1):
+                self.peak[k] = v
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._merge(self._read())
+
+    def stop(self):
+        """Ends the sampling; returns {pid: CPU seconds since the start} of the processes that used any."""
+        self._stop.set()
+        self._thread.join()
+        self._merge(self._read())
+        hz = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for (pid, _), v in self.peak.items():
+            d = v - self.base.get((pid, _), 0)
+            if d:
+                used[pid] = used.get(pid, 0) + d / hz
+        return used
+
+
+def worker_exe():
+    """crates/doppler-worker, release build."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "doppler-worker"], cwd=root, check=True)
+    return os.path.join(root, "target", "release", "doppler-worker")
+
+
+def external_table(db, name, sources, model, batch, workers):
+    """A fresh table of `sources` (id, f_img, features real[]), watched with `model`, `batch` rows per claim:
+    workers => 'external' (async mode), or the server's (manual mode, for CALL doppler.fill)."""
+    db.execute(f"DROP TABLE IF EXISTS {name}")
+    db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, f_img text, features real[])")
+    mode = "async" if workers == "external" else "manual"
+    db.execute(f"SELECT doppler.watch('{name}', mode => '{mode}', batch_size => {batch}, model => '{model}', "
+               f"workers => '{workers}')")
+    with db.cursor() as cur:
+        cur.execute(f"INSERT INTO {name} (id, f_img) SELECT i, p FROM unnest(%s::text[]) WITH ORDINALITY AS x(p, i)",
+                    (sources,))
+
+
+def run_workers(c, db, exe, name, n, count, batch, logs, timeout=900):
+    """`count` doppler-worker processes (one ORT thread and one decode thread each) on the table `name` of `n`
+    pending rows, until none is pending: (rows/s from their start to the last batch's commit, the cluster's CPU
+    seconds by process kind, the workers' own CPU seconds, their batch log lines). The workers stay connected until
+    the CPU is read, then get SIGTERM."""
+    import signal
+    conninfo = f"host={c.dir} dbname=bench user=fill_worker application_name=doppler-bench-worker"
+    me = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    outs = [open(os.path.join(logs, f"{name}-{count}-{i}.log"), "w+") for i in range(count)]
+    cpu = ClusterCPU(c, exclude={me})
+    t0 = time.time()
+    procs = [subprocess.Popen([exe, "--model-dir", MODELS, "--provider", "cpu", "--intra-op-threads", "1",
+                               "--decode-threads", "1", "--batch", str(batch), "--ort-library", ORT,
+                               "--poll-interval", "1", "--name", f"bench-{i + 1}", conninfo],
+                              stdout=outs[i], stderr=subprocess.STDOUT) for i in range(count)]
+    try:
+        while True:
+            pending, failed = db.execute(f"SELECT (SELECT count(*) FROM {name} WHERE features IS NULL), (SELECT count(*)"
+                                         f" FROM doppler.failures WHERE relid = '{name}'::regclass)").fetchone()
+            if not pending:
+                break
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or failed or time.time() - t0 > timeout:
+                for f in outs:
+                    f.seek(0)
+                why = "one exited" if dead else f"{failed} rows failed" if failed else "timed out"
+                raise RuntimeError(f"workers on {name}: {why}:\n" +
+                                   "\n".join(f.read()[-3000:] for f in outs))
+            time.sleep(0.1)
+        polled = time.time()
+        # whose connections are whose: the work connections claim and write, the control ones beat the heartbeat
+        kinds = dict(db.execute("SELECT a.pid, CASE WHEN a.pid IN (SELECT backend_pid FROM doppler.external_workers)"
+                                " THEN 'control' ELSE 'work' END FROM pg_stat_activity a"
+                                " WHERE a.usename = 'fill_worker'").fetchall())
+        used = cpu.stop()
+        own = sum((proc_stat(p.pid) or (0, 0, 0))[2] for p in procs) / os.sysconf("SC_CLK_TCK")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    end = db.execute("SELECT extract(epoch FROM max(finished_at))::float8 FROM doppler.batches"
+                     " WHERE relid = %s::regclass AND via = 'external'", (name,)).fetchone()[0] or polled
+    lines = []
+    for f in outs:
+        f.seek(0)
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == "batch":
+                lines.append(rec)
+            elif rec.get("level") == "error":
+                print(f"worker error: {line.strip()}", flush=True)
+        f.close()
+    split = {"work": 0.0, "control": 0.0, "cluster": 0.0}
+    for pid, s in used.items():
+        split[kinds.get(pid, "cluster")] += s
+    return n / (end - t0), split, own, lines
+
+
+def fill_in_server(c, db, name, sources, model, batch):
+    """CALL doppler.fill on a fresh manual-mode table of `sources` (the inference service warm): (rows/s, the
+    cluster's CPU seconds)."""
+    external_table(db, name, sources, model, batch, "server")
+    cpu = ClusterCPU(c)
+    t0 = time.perf_counter()
+    db.execute(f"CALL doppler.fill('{name}')")
+    secs = time.perf_counter() - t0
+    used = cpu.stop()
+    filled = db.execute(f"SELECT count(features) FROM {name}").fetchone()[0]
+    assert filled == len(sources), f"fill filled {filled} of {len(sources)}"
+    return len(sources) / secs, sum(used.values())
+
+
+def ort_processes(model, batch, n, procs, reps=2):
+    """Images/s of ONNX Runtime alone (Python, pre-made tensors, `batch` per run) on one intra-op thread in each of
+    `procs` processes started together (each warm first), `n` images each: what this machine gives that many
+    one-thread model runners. Best of `reps`."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    best = 0.0
+    for _ in range(reps):
+        ready, q = ctx.Barrier(procs + 1), ctx.Queue()
+
+        def run():
+            ref = PythonReference(model, 1, batch)
+            ready.wait()
+            t0 = time.time()
+            ref.inference(n)
+            q.put((t0, time.time()))
+        ps = [ctx.Process(target=run) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        ready.wait()
+        spans = [q.get() for _ in ps]
+        for p in ps:
+            p.join()
+        best = max(best, procs * n / (max(e for _, e in spans) - min(t for t, _ in spans)))
+    return best
+
+
+def worker_rows(spec, model_list):
+    """--worker-rows: one number for every model, or `model=rows` pairs (a model not named gets the first's)."""
+    if "=" not in spec:
+        return {m: int(spec) for m in model_list}
+    pairs = dict((k.strip(), int(v)) for k, v in (x.split("=") for x in spec.split(",")))
+    return {m: pairs.get(m, next(iter(pairs.values()))) for m in model_list}
+
+
+def worker_costs(c, model_list, rows, reps, batch=32):
+    """For each model, `rows[model]` rows of the small JPEGs: one and two doppler-worker processes (one ORT thread
+    and one decode thread each) filling an external-workers table, against CALL doppler.fill on the same rows;
+    rows/s, and the cluster's CPU time per 1 000 rows. Best of `reps` each (lowest CPU), interleaved."""
+    exe = worker_exe()
+    images = make_small_images(f"{DEPS}/worker-images")
+    load = os.getloadavg()
+    logs = tempfile.mkdtemp(prefix="doppler-bench-workers-")
+    res = {}
+    try:
+        with c.connect("bench") as db:
+            db.execute("CREATE ROLE fill_worker LOGIN IN ROLE doppler_worker")
+            settings = dict(db.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                                       (["doppler.service_intra_op_threads", "doppler.inference_batch_size",
+                                         "doppler.decode_threads", "doppler.worker_lease"],)).fetchall())
+            for model in model_list:
+                rows_n = rows[model]
+                sources = [images[i % len(images)] for i in range(rows_n)]
+                print(f"workers: {model}, {rows_n} rows; ORT alone on one thread ...", flush=True)
+                r = dict(ort=ort_processes(model, batch, 3 * batch, 1), ort2=ort_processes(model, batch, 3 * batch, 2),
+                         rows=rows_n, fill=(0.0, math.inf), one=(0.0, None),
+                         two=(0.0, None), cpu1=(math.inf, None), cpu2=(math.inf, None))
+                db.execute(f"SELECT doppler.extract_features(%s, '{model}')", (sources[0],))  # the service warm
+                for rep in range(reps):
+                    rate, cpu = fill_in_server(c, db, "infill", sources, model, batch)
+                    r["fill"] = (max(r["fill"][0], rate), min(r["fill"][1], cpu))
+                    print(f"  rep {rep + 1}: CALL fill {rate:.1f} rows/s, cluster CPU {cpu:.2f} s", flush=True)
+                    db.execute("DROP TABLE infill")
+                    for count in (1, 2):
+                        external_table(db, "ext", sources, model, batch, "external")
+                        rate, split, own, lines = run_workers(c, db, exe, "ext", rows_n, count, batch, logs)
+                        st = db.execute("SELECT count(*), sum(claimed), sum(claim_s), sum(write_s), sum(seconds)"
+                                        " FROM doppler.batches WHERE relid = 'ext'::regclass AND via = 'external'"
+                                        ).fetchone()
+                        key, ckey = ("one", "cpu1") if count == 1 else ("two", "cpu2")
+                        total = sum(split.values())
+                        print(f"  rep {rep + 1}: {count} worker(s) {rate:.1f} rows/s, cluster CPU {total:.2f} s "
+                              f"({', '.join(f'{k} {v:.2f}' for k, v in split.items())}), {st[0]} batches", flush=True)
+                        if rate > r[key][0]:
+                            r[key] = (rate, lines)
+                        if total < r[ckey][0]:
+                            r[ckey] = (total, dict(split=split, own=own, batches=st[0], rows=st[1], claim=st[2],
+                                                   write=st[3], seconds=st[4]))
+                        db.execute("DROP TABLE ext")
+                res[model] = r
+                print({k: (v[0] if isinstance(v, tuple) else v) for k, v in r.items()}, flush=True)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    return section_workers(res, model_list, reps, batch, load, settings)
+
+
+def section_workers(res, model_list, reps, batch, load, settings):
+    labels = {"resnet50": "ResNet-50 (seeded)", "efficientnet_lite0": "EfficientNet-Lite0"}
+    w, h = WORKER_SIDE
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    def per_k(r, key):
+        return r[key][0] * 1000 / r["rows"]
+
+    def row(label, fmt):
+        return f"| {label} | " + " | ".join(fmt(res[m]) for m in model_list) + " |\n"
+
+    def log_avg(lines, field):
+        return sum(x.get(field, 0.0) for x in lines) / len(lines) if lines else float("nan")
+
+    def outside(r):
+        # per batch, the worker's time outside its compute: the claim, the write and the commit, round trips included
+        return log_avg(r["one"][1], "seconds") - log_avg(r["one"][1], "compute_s")
+
+    def bound(r):
+        # the machine's cores shared by the workers (decode + inference) and the server (claims, writes)
+        return os.cpu_count() * r["rows"] / (r["cpu2"][1]["own"] + r["cpu2"][0])
+
+    def phase_ms(r, what):
+        d = r["cpu1"][1]
+        return d[what] * 1000 / d["rows"]
+    spec = ",".join(f"{m}={res[m]['rows']}" for m in model_list)
+    counts = " and ".join(f"{res[m]['rows']} ({labels.get(m, m)})" for m in model_list)
+    out = (f"{WORKERS_HEAD}\n\nCommand: `scripts/bench workers` (= `python scripts/bench.py workers --worker-rows {spec} "
+           f"--reps {reps}`), {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu_model()}; load average before "
+           f"the section {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (1, 5, 15 min). `doppler-worker` (release build) runs on "
+           "the database server's own machine, over its Unix socket, as a LOGIN member of `doppler_worker`, each process "
+           f"with `--intra-op-threads 1 --decode-threads 1 --batch {batch}` (a batch's model runs: the first {batch // 4} images, "
+           "whose decoding nothing overlaps, then the rest), the model files from `$DOPPLER_MODELS`. "
+           f"The rows: {counts} of {w}×{h} JPEGs (the sample "
+           f"photos at JPEG quality 80–95, cycled), whose preparation (read, decode, resize: ~0.8 ms an image on one "
+           "core) is small beside a model run on one thread, so the model bounds the workers, not decoding. "
+           + (f"The row counts are multiples of {2 * batch} (claims of {batch}: an even share for two workers), and the "
+              "lighter model gets more rows, so that starting the workers is a small part of its time."
+              if all(res[m]["rows"] % (2 * batch) == 0 for m in model_list) else "") + "\n\n"
+           "- **rows/s**: a fresh table watched with `workers => 'external'` (async mode, `batch_size` "
+           f"{batch}) and its rows inserted, then N workers started together; from their start (connecting, "
+           "registering and loading the model included) to the commit of the last batch (`doppler.batches.finished_at`), "
+           "the table polled every 0.1 s until no row is pending. Against ONNX Runtime alone on one intra-op thread "
+           f"(Python, pre-made tensors, {batch} per run): the most one worker could do.\n"
+           "- **the database server's CPU**: utime + stime (`/proc/PID/stat`) of the postmaster and all its children "
+           "(backends, the inference service, the background workers, checkpointer...), sampled every 0.2 s with the "
+           "highest figure per process kept, so the workers' connections count up to their last sample; from the "
+           "workers' start until no row is pending (the workers still connected; they get SIGTERM after), less the "
+           "benchmark's polling connection. Split into the workers' work connections (claim, write), their control "
+           "connections (registration, heartbeats) and the rest of the cluster. Against `CALL doppler.fill` on the same "
+           f"rows in a manual-mode table (`batch_size` {batch}), the inference service warm, where the server's "
+           "processes read, decode and run the model (service threads "
+           f"`doppler.service_intra_op_threads` = {settings.get('doppler.service_intra_op_threads', '?')}, "
+           f"`doppler.inference_batch_size` = {settings.get('doppler.inference_batch_size', '?')}, the same as a "
+           "worker's model run; the backend's decode threads: 2).\n\n"
+           f"Best of {reps} each (rows/s: the highest; CPU: the lowest), the three interleaved.\n\n"
+           "| | " + " | ".join(labels.get(m, m) for m in model_list) + " |\n|---|" + "---|" * len(model_list) + "\n")
+    out += "".join([
+        row("ONNX Runtime alone, one thread, one process; two processes at once (rows/s)",
+            lambda r: f"{r['ort']:.1f}; {r['ort2']:.1f}"),
+        row("… two processes ÷ one: what this machine gives a second one-thread model runner", lambda r: f"{r['ort2'] / r['ort']:.2f}×"),
+        row("`CALL doppler.fill`, in the server, 2 cores (rows/s)", lambda r: f"{r['fill'][0]:.1f}"),
+        row("1 worker (rows/s)", lambda r: f"{r['one'][0]:.1f}"),
+        row("2 workers (rows/s)", lambda r: f"{r['two'][0]:.1f}"),
+        row("**2 workers ÷ 1** (target ≥ 1.70)", lambda r: f"**{r['two'][0] / r['one'][0]:.2f}×**"),
+        row("1 worker ÷ ORT alone on one thread", lambda r: f"{r['one'][0] / r['ort']:.2f}×"),
+        row("2 workers ÷ ORT alone in two processes", lambda r: f"{r['two'][0] / r['ort2']:.2f}×"),
+        row("bound for 2 workers here: 2 cores ÷ (the workers' CPU + the server's CPU per row) (rows/s); 2 workers ÷ bound",
+            lambda r: f"{bound(r):.1f}; {r['two'][0] / bound(r):.2f}×"),
+        row("server CPU per 1 000 rows, `CALL doppler.fill` (s)", lambda r: f"{r['fill'][1] * 1000 / r['rows']:.2f}"),
+        row("server CPU per 1 000 rows, 1 worker (s)", lambda r: f"{per_k(r, 'cpu1'):.3f}"),
+        row("server CPU per 1 000 rows, 2 workers (s)", lambda r: f"{per_k(r, 'cpu2'):.3f}"),
+        row("the worker processes' own CPU per 1 000 rows, 1 and 2 workers (s)",
+            lambda r: f"{r['cpu1'][1]['own'] * 1000 / r['rows']:.2f}, {r['cpu2'][1]['own'] * 1000 / r['rows']:.2f}"),
+        row("**external ÷ in-server**, 1 and 2 workers (target ≤ 5 %)",
+            lambda r: f"**{100 * r['cpu1'][0] / r['fill'][1]:.2f} %**, **{100 * r['cpu2'][0] / r['fill'][1]:.2f} %**"),
+        row("… of 1 worker's: work connection / control connection / rest of the cluster (s per 1 000 rows)",
+            lambda r: " / ".join(f"{r['cpu1'][1]['split'][k] * 1000 / r['rows']:.3f}" for k in ("work", "control", "cluster"))),
+        row("1 worker's batches, server side (`doppler.batches`, via = 'external'): claim, write (ms per row)",
+            lambda r: f"{phase_ms(r, 'claim'):.3f}, {phase_ms(r, 'write'):.3f}"),
+        row("1 worker's batches, its log: s per batch; model runs; waiting for images; outside the compute (claim, "
+            "write, commit, round trips)",
+            lambda r: f"{log_avg(r['one'][1], 'seconds'):.3f}; {log_avg(r['one'][1], 'infer_s'):.3f}; "
+                      f"{log_avg(r['one'][1], 'wait_s'):.3f}; {outside(r):.3f}"),
+    ])
+    checks = []
+    for m in model_list:
+        r = res[m]
+        ratio = r["two"][0] / r["one"][0]
+        cpu = max(r["cpu1"][0], r["cpu2"][0]) / r["fill"][1]
+        checks.append(f"- {labels.get(m, m)}: two workers ÷ one {ratio:.2f}×, target ≥ 1.70: {verdict(ratio >= 1.7)}; "
+                      f"the server's CPU per row with external workers {100 * cpu:.2f} % of the in-server fill's (the "
+                      f"higher of 1 and 2 workers), target ≤ 5 %: {verdict(cpu <= 0.05)}.")
+    out += "\n### Targets (issue 30), from this run\n\n" + "\n".join(checks) + "\n"
+    out += ("\nReading it: here the two workers share the machine's cores with each other's decode threads and with the "
+            "database server, whose claims and writes for them run on the same cores (on other hosts each worker brings "
+            "its own); and a second one-thread ONNX Runtime process on this machine does not run as fast as the first "
+            "(ORT alone, two processes ÷ one). The bound row divides the cores by all the CPU a row costs here, workers "
+            "and server together. The server's CPU per row with external workers is the claim, the write and the "
+            "heartbeats, about the same for any model; the in-server fill's is decoding and the model: the lighter the "
+            "model, the larger the share.\n")
+    return out
+
+
 def replace_section(path, head, section):
     old = open(path).read() if os.path.exists(path) else ""
     before, _, rest = old.partition(head)
@@ -936,14 +1318,33 @@ def main():
     ap.add_argument("--models", default="resnet50,efficientnet_lite0")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"))
     ap.add_argument("--claim-rows", type=int, default=1_000_000, help="rows of the large table for the claim costs")
-    ap.add_argument("--only", choices=["claims", "scale", "concurrency", "urls"],
+    ap.add_argument("--only", choices=["claims", "scale", "concurrency", "urls", "workers"],
                     help="measure only this, and replace its section of --out")
-    ap.add_argument("what", nargs="?", choices=["claims", "scale", "concurrency", "urls"], help="the same as --only")
+    ap.add_argument("what", nargs="?", choices=["claims", "scale", "concurrency", "urls", "workers"],
+                    help="the same as --only")
+    ap.add_argument("--worker-rows", default="resnet50=640,efficientnet_lite0=2560",
+                    help="rows of the workers section's tables: a number, or model=rows pairs")
     ap.add_argument("--scale-rows", default="10000,100000,1000000", help="table sizes of the scale benchmark")
     ap.add_argument("--server-conf", default="", help="more postgresql.conf lines for the concurrency benchmark's "
                     "server (e.g. 'doppler.batch_window_ms = 5'), to try settings")
     a = ap.parse_args()
     a.only = a.only or a.what
+    if a.only == "workers":
+        # (the tables are in `bench`, which no server worker serves: the cluster's serves doppler_it, idle)
+        c = Cluster(extra_conf=f"doppler.service_intra_op_threads = {a.threads}\n"
+                    "doppler.inference_batch_size = 32\ndoppler.worker_naptime = '60s'\n")
+        try:
+            with c.connect("postgres") as pg:
+                pg.execute("CREATE DATABASE bench")
+            with c.connect("bench") as db:
+                db.execute("CREATE EXTENSION doppler")
+            models = a.models.split(",")
+            section = worker_costs(c, models, worker_rows(a.worker_rows, models), a.reps)
+        finally:
+            c.destroy()
+        print(section)
+        replace_section(a.out, WORKERS_HEAD, section)
+        return
     if a.only == "urls":
         memes = make_meme_images(f"{DEPS}/meme-images")
         with ImageWeb(os.path.dirname(memes[0]), hosts=8) as web:
@@ -1212,9 +1613,9 @@ images per model run ({a.batch}); the rest is doppler's defaults: `doppler.decod
 """
     text = head + body + stages + warm + pr + targets + dr + wr + "\n" + claims + notes
     print(text)
-    # `scripts/bench scale`, `concurrency` and `urls` write their own sections: keep them
+    # `scripts/bench scale`, `concurrency`, `urls` and `workers` write their own sections: keep them
     old = open(a.out).read() if os.path.exists(a.out) else ""
-    for kept in (CONCURRENCY_HEAD, SCALE_HEAD, URLS_HEAD):
+    for kept in (CONCURRENCY_HEAD, SCALE_HEAD, URLS_HEAD, WORKERS_HEAD):
         if kept in old:
             rest = old[old.index(kept):]
             text = text.rstrip("\n") + "\n\n" + (rest[:rest.find("\n## ", 1) + 1] if "\n## " in rest[1:] else rest)

@@ -410,7 +410,9 @@ def test_three_workers_fill_2000_rows_exactly_once(wc, admin, owner, spawn):
     doppler.batches, their rows_done in doppler.workers), the server's own worker none."""
     n = 2000
     t = make_table(owner, "many")
-    workers = [spawn(f"many{i}") for i in range(3)]
+    # (polling often, and batches of 16: the tiny model fills ~1 000 rows/s, and a worker idle
+    # for a while polls less often, so that the first one awake could take them all)
+    workers = [spawn(f"many{i}", batch=16, extra=("--poll-interval", "0.05")) for i in range(3)]
     for w in workers:
         wait_registered(admin, w)
     images = pngs(n)
