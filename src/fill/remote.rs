@@ -42,6 +42,13 @@ struct Held {
     claim: std::time::Duration,
 }
 
+impl Held {
+    /// Whether it was claimed by this transaction (its rows still locked).
+    fn in_this_transaction(&self) -> bool {
+        self.xid == current_xid() && self.xid != pg_sys::InvalidTransactionId
+    }
+}
+
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
@@ -68,7 +75,7 @@ pub fn held_table() -> Option<pg_sys::Oid> {
     HELD.with(|h| {
         h.borrow()
             .as_ref()
-            .filter(|h| h.xid == current_xid() && h.xid != pg_sys::InvalidTransactionId)
+            .filter(|h| h.in_this_transaction())
             .map(|h| h.relid)
     })
 }
@@ -76,11 +83,7 @@ pub fn held_table() -> Option<pg_sys::Oid> {
 /// Raises 55000 when this transaction holds a batch already (one batch per transaction: its
 /// rows are answered, then the transaction ends).
 pub fn check_none_held() {
-    let held_here = HELD.with(|h| {
-        h.borrow()
-            .as_ref()
-            .is_some_and(|h| h.xid == current_xid() && h.xid != pg_sys::InvalidTransactionId)
-    });
+    let held_here = HELD.with(|h| h.borrow().as_ref().is_some_and(Held::in_this_transaction));
     if held_here {
         raise(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -182,13 +185,9 @@ pub fn answer(
     let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
         not_held(worker)
     };
-    if held.xid != current_xid()
-        || held.xid == pg_sys::InvalidTransactionId
-        || held.worker != worker
-    {
+    if !held.in_this_transaction() || held.worker != worker {
         // (another transaction's batch is gone with it: its rows are free)
-        let mine = held.xid == current_xid();
-        if mine {
+        if held.in_this_transaction() {
             HELD.with(|h| *h.borrow_mut() = Some(held));
         }
         not_held(worker)

@@ -191,7 +191,7 @@ pub fn heartbeat(worker: i64, state: &serde_json::Value) {
             .ok()
             .flatten()
         })
-        .filter(|&relid| external_tables(&[]).iter().any(|w| w.relid == relid));
+        .filter(|&relid| watched::load(relid).is_some_and(|w| w.workers.external()));
     let rate = state
         .get("rate")
         .and_then(|v| v.as_f64())
