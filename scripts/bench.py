@@ -1220,7 +1220,8 @@ def section_workers(res, model_list, reps, batch, load, settings):
         d = r["cpu1"][1]
         return d[what] * 1000 / d["rows"]
     spec = ",".join(f"{m}={res[m]['rows']}" for m in model_list)
-    counts = " and ".join(f"{res[m]['rows']} ({labels.get(m, m)})" for m in model_list)
+    short = {"resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0"}
+    counts = " and ".join(f"{res[m]['rows']} ({short.get(m, m)})" for m in model_list)
     out = (f"{WORKERS_HEAD}\n\nCommand: `scripts/bench workers` (= `python scripts/bench.py workers --worker-rows {spec} "
            f"--reps {reps}`), {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu_model()}; load average before "
            f"the section {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (1, 5, 15 min). `doppler-worker` (release build) runs on "
@@ -1237,13 +1238,15 @@ def section_workers(res, model_list, reps, batch, load, settings):
            f"{batch}) and its rows inserted, then N workers started together; from their start (connecting, "
            "registering and loading the model included) to the commit of the last batch (`doppler.batches.finished_at`), "
            "the table polled every 0.1 s until no row is pending. Against ONNX Runtime alone on one intra-op thread "
-           f"(Python, pre-made tensors, {batch} per run): the most one worker could do.\n"
+           f"(Python, pre-made tensors, {batch} per run), in one process and in two started together: the most one "
+           "and two workers could do here.\n"
            "- **the database server's CPU**: utime + stime (`/proc/PID/stat`) of the postmaster and all its children "
            "(backends, the inference service, the background workers, checkpointer...), sampled every 0.2 s with the "
            "highest figure per process kept, so the workers' connections count up to their last sample; from the "
            "workers' start until no row is pending (the workers still connected; they get SIGTERM after), less the "
            "benchmark's polling connection. Split into the workers' work connections (claim, write), their control "
-           "connections (registration, heartbeats) and the rest of the cluster. Against `CALL doppler.fill` on the same "
+           "connections (registration, heartbeats) and the rest of the cluster. The worker processes' own CPU (utime + "
+           "stime when the table is done) beside it. Against `CALL doppler.fill` on the same "
            f"rows in a manual-mode table (`batch_size` {batch}), the inference service warm, where the server's "
            "processes read, decode and run the model (service threads "
            f"`doppler.service_intra_op_threads` = {settings.get('doppler.service_intra_op_threads', '?')}, "
