@@ -68,16 +68,18 @@ CREATE FUNCTION @extschema@.watch(tbl regclass, path_column name DEFAULT 'f_img'
                                   mode text DEFAULT 'async', on_error text DEFAULT 'raise',
                                   hash_column name DEFAULT NULL, dedup boolean DEFAULT false,
                                   model text DEFAULT NULL, model_column name DEFAULT NULL,
-                                  workers text DEFAULT 'server')
+                                  workers text DEFAULT 'server',
+                                  pdq_column name DEFAULT NULL, pdq_quality_column name DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN @extschema@._watch_workers(tbl::oid, coalesce(workers, 'server'),
         @extschema@._watch(tbl::oid, coalesce(path_column, 'f_img')::text, coalesce(vector_column, 'features')::text,
                            coalesce(batch_size, 32), coalesce(priority, 0), coalesce(mode, 'async'), coalesce(on_error, 'raise'),
-                           hash_column::text, coalesce(dedup, false), model, model_column::text));
+                           hash_column::text, coalesce(dedup, false), model, model_column::text,
+                           pdq_column::text, pdq_quality_column::text));
 END $$;
-COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean, text, name, text) IS
-  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). workers: who fills it in the background: server (the server''s worker, the default), external (doppler-worker processes on other hosts, members of doppler_worker) or any. hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
+COMMENT ON FUNCTION @extschema@.watch(regclass, name, name, int, int, text, text, name, boolean, text, name, text, name, name) IS
+  'Watch a table: doppler fills vector_column (real[], vector(n) or halfvec(n)) from path_column (text: server paths or URLs; bytea: image bytes) for every row whose vector is NULL or was made by another model. model: a doppler.models entry (default doppler.default_model); model_column (default <vector_column>_model, added as text when missing) records name@version per row, so watching again with another model (or registering a new version) re-embeds the rows in the background, old vectors readable until replaced. mode: async (triggers wake the worker), sync (features computed in the writing statement; on_error raise or defer), manual (worker and fill only). workers: who fills it in the background: server (the server''s worker, the default), external (doppler-worker processes on other hosts, members of doppler_worker) or any. hash_column: a text column the worker fills with each image''s dHash; dedup: rows whose hash already has features get a copy, rows with a skip hash (doppler.skip_hashes) are skipped. pdq_column: a bit(256) column filled with each image''s PDQ hash (Meta''s reference, doppler.pdq), pdq_quality_column an integer column with its quality, both from the same decode as the vector. The caller must own the table; it needs a primary key. Calling it again changes the settings and replaces the triggers.';
 
 -- Trigger functions (installed by watch; see src/triggers.rs).
 -- BEFORE UPDATE OF the source, per row, when it changed: the vector, model tag and hash of the
@@ -139,7 +141,7 @@ CREATE FUNCTION @extschema@.create_index(tbl regclass, metric text DEFAULT 'l2')
 LANGUAGE sql VOLATILE STRICT PARALLEL UNSAFE
 RETURN @extschema@._create_index(tbl::oid, metric);
 COMMENT ON FUNCTION @extschema@.create_index(regclass, text) IS
-  'Build pgvector''s HNSW index for a watched table: USING hnsw ((col::halfvec(n)) halfvec_l2_ops) for vector(n) columns (a 2048-d vector is over pgvector''s 2000-dimension index limit; halfvec is not), or on the halfvec column itself. doppler.similar uses it. metric => ''hamming'': a GIN index over four 16-bit chunks of the hash column, for doppler.near_duplicates. As the table owner; CREATE INDEX blocks writes to the table while it builds. Returns the index name.';
+  'Build pgvector''s HNSW index for a watched table: USING hnsw ((col::halfvec(n)) halfvec_l2_ops) for vector(n) columns (a 2048-d vector is over pgvector''s 2000-dimension index limit; halfvec is not), or on the halfvec column itself. doppler.similar uses it. metric => ''hamming'': a GIN index over four 16-bit chunks of the hash column, for doppler.near_duplicates. metric => ''pdq'': a GIN index over sixteen 16-bit chunks of the PDQ column, for near_duplicates(tbl, pdq bit). As the table owner; CREATE INDEX blocks writes to the table while it builds. Returns the index name.';
 
 CREATE FUNCTION @extschema@.duplicates(tbl regclass, max_bits int DEFAULT 4)
 RETURNS TABLE (group_id int, size int, row_keys text[], hashes text[])
@@ -160,6 +162,96 @@ COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, text, int) IS
   'The rows whose dHash is within max_bits of this one (16 hex digits), nearest first; skip hashes are left out. Exact; served by the index of doppler.create_index(tbl, ''hamming'') up to max_bits 11, else a scan.';
 COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, bytea, int) IS
   'The rows whose dHash is within max_bits of these image bytes'' dHash; see near_duplicates(regclass, text, int).';
+
+-- PDQ, Meta's perceptual hash (Rust in src/api/pdq.rs), as PostgreSQL's bit(256): bit i is the
+-- i-th bit of the reference's 64 hex digits, read left to right, so that ('x' || hex)::bit(256)
+-- and pdq_from_hex(hex) read a ThreatExchange or HMA list as it is.
+CREATE FUNCTION @extschema@.pdq_from_hex(hex text) RETURNS bit(256)
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN ('x' OPERATOR(pg_catalog.||) @extschema@._pdq_hex(hex))::pg_catalog.bit(256);
+COMMENT ON FUNCTION @extschema@.pdq_from_hex(text) IS
+  'A PDQ hash from its 64 hex digits (as the reference, ThreatExchange and HMA write it; either case) as bit(256); 22P02 for any other text.';
+CREATE FUNCTION @extschema@.pdq_to_hex(hash bit) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN @extschema@._pdq_bits_hex(hash::pg_catalog.text);
+COMMENT ON FUNCTION @extschema@.pdq_to_hex(bit) IS
+  'A PDQ hash (256 bits) as the reference writes it: 64 lowercase hex digits; 22026 for another length.';
+CREATE FUNCTION @extschema@.pdq(path text, OUT hash bit(256), OUT quality int)
+LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
+AS $$ SELECT ('x' OPERATOR(pg_catalog.||) p.hash)::pg_catalog.bit(256), p.quality FROM @extschema@._pdq(path) p $$;
+CREATE FUNCTION @extschema@.pdq(image bytea, OUT hash bit(256), OUT quality int)
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT ('x' OPERATOR(pg_catalog.||) p.hash)::pg_catalog.bit(256), p.quality FROM @extschema@._pdq(image) p $$;
+COMMENT ON FUNCTION @extschema@.pdq(text) IS
+  'Meta''s PDQ hash (256 bits) and its quality (0 to 100) of the image at this server path or URL, as the reference computes them from the image''s pixels (the same as pdqhash.compute(numpy.asarray(PIL.Image.open(path).convert(''RGB'')))). The reference matches hashes within 31 bits, of quality 50 or more.';
+COMMENT ON FUNCTION @extschema@.pdq(bytea) IS
+  'Meta''s PDQ hash and quality of these image bytes; see pdq(text).';
+CREATE FUNCTION @extschema@.pdq_dihedral(path text) RETURNS bit(256)[]
+LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
+AS $$ SELECT pg_catalog.array_agg(('x' OPERATOR(pg_catalog.||) h.h)::pg_catalog.bit(256) ORDER BY h.n)
+      FROM pg_catalog.unnest(@extschema@._pdq_dihedral(path)) WITH ORDINALITY h(h, n) $$;
+CREATE FUNCTION @extschema@.pdq_dihedral(image bytea) RETURNS bit(256)[]
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pg_catalog.array_agg(('x' OPERATOR(pg_catalog.||) h.h)::pg_catalog.bit(256) ORDER BY h.n)
+      FROM pg_catalog.unnest(@extschema@._pdq_dihedral(image)) WITH ORDINALITY h(h, n) $$;
+COMMENT ON FUNCTION @extschema@.pdq_dihedral(text) IS
+  'The PDQ hashes of the image''s eight rotations and mirror images, in the reference''s order: original, rotated 90, 180, 270, flipped X, flipped Y, flipped along the diagonal (+1) and the antidiagonal (-1). doppler.pdq_matches(tbl, doppler.pdq_dihedral(path)) finds flipped and rotated copies.';
+COMMENT ON FUNCTION @extschema@.pdq_dihedral(bytea) IS
+  'The PDQ hashes of these image bytes'' eight rotations and mirror images; see pdq_dihedral(text).';
+CREATE FUNCTION @extschema@.hamming(a bit, b bit) RETURNS int
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN pg_catalog.bit_count(a OPERATOR(pg_catalog.#) b)::pg_catalog.int4;
+COMMENT ON FUNCTION @extschema@.hamming(bit, bit) IS 'Bits that differ between two PDQ hashes (or any two bit strings of one length; 22026 for two lengths).';
+
+CREATE FUNCTION @extschema@.near_duplicates(tbl regclass, pdq bit, max_bits int DEFAULT 31, min_quality int DEFAULT 50)
+RETURNS TABLE (row_key text, source text, pdq bit(256), quality int, distance int)
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+AS $$ SELECT n.row_key, n.source, ('x' OPERATOR(pg_catalog.||) n.hash)::pg_catalog.bit(256), n.quality, n.distance
+      FROM @extschema@._pdq_near(tbl::pg_catalog.oid, @extschema@.pdq_to_hex(pdq), max_bits, min_quality) n $$;
+COMMENT ON FUNCTION @extschema@.near_duplicates(regclass, bit, int, int) IS
+  'The rows whose PDQ hash is within max_bits (default 31, the reference''s threshold) of this one, nearest first, leaving out rows of quality under min_quality (default 50, the reference''s floor; with a quality column). Exact; served by the index of doppler.create_index(tbl, ''pdq'') up to max_bits 47, else a scan.';
+CREATE FUNCTION @extschema@.pdq_matches(tbl regclass, hashes bit[], max_bits int DEFAULT 31, min_quality int DEFAULT 50)
+RETURNS TABLE (row_key text, source text, pdq bit(256), quality int, listed int, distance int)
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+AS $$ SELECT m.row_key, m.source, ('x' OPERATOR(pg_catalog.||) m.hash)::pg_catalog.bit(256), m.quality, m.listed, m.distance
+      FROM @extschema@._pdq_matches(tbl::pg_catalog.oid,
+               ARRAY(SELECT @extschema@.pdq_to_hex(h.h) FROM pg_catalog.unnest(hashes) WITH ORDINALITY h(h, n) ORDER BY h.n),
+               max_bits, min_quality) m $$;
+COMMENT ON FUNCTION @extschema@.pdq_matches(regclass, bit[], int, int) IS
+  'Every row within max_bits (default 31) of any hash of the list, with listed: the position of that hash in the array (a row near several listed hashes comes once for each), leaving out rows of quality under min_quality (default 50; with a quality column): where did these known images appear? Exact: one scan of the table against the list''s multi-index in memory. With doppler.pdq_dihedral(image) as the list: the image''s flipped and rotated copies.';
+CREATE FUNCTION @extschema@.pdq_list_matches(tbl regclass, list regclass, list_column name DEFAULT 'pdq',
+                                             max_bits int DEFAULT 31, min_quality int DEFAULT 50)
+RETURNS TABLE (row_key text, source text, pdq bit(256), quality int, listed bit(256), distance int)
+LANGUAGE plpgsql STABLE STRICT PARALLEL RESTRICTED SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hashes bit(256)[];
+    t regtype;
+BEGIN
+    SELECT a.atttypid::pg_catalog.regtype INTO t FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid OPERATOR(pg_catalog.=) list AND a.attname OPERATOR(pg_catalog.=) list_column
+       AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped;
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'column % of % does not exist', pg_catalog.quote_ident(list_column), list
+              USING ERRCODE = 'undefined_column';
+    END IF;
+    -- read as the caller (SELECT on the list is the caller's): hex text as ThreatExchange and
+    -- HMA export it, or bits
+    IF t OPERATOR(pg_catalog.=) ANY ('{pg_catalog.text,pg_catalog.varchar,pg_catalog.bpchar}'::pg_catalog.regtype[]) THEN
+        EXECUTE pg_catalog.format('SELECT pg_catalog.array_agg(@extschema@.pdq_from_hex(l.%I::pg_catalog.text)) FROM %s l WHERE l.%I IS NOT NULL',
+                                  list_column, list, list_column) INTO hashes;
+    ELSIF t OPERATOR(pg_catalog.=) ANY ('{pg_catalog.bit,pg_catalog.varbit}'::pg_catalog.regtype[]) THEN
+        EXECUTE pg_catalog.format('SELECT pg_catalog.array_agg(l.%I::pg_catalog.varbit::pg_catalog.bit(256)) FROM %s l WHERE l.%I IS NOT NULL AND pg_catalog.length(l.%I) OPERATOR(pg_catalog.=) 256',
+                                  list_column, list, list_column, list_column) INTO hashes;
+    ELSE
+        RAISE EXCEPTION 'column % of % is %, not PDQ hashes', pg_catalog.quote_ident(list_column), list, t
+              USING ERRCODE = 'datatype_mismatch', HINT = 'A list holds PDQ hashes as 64 hex digits (text) or bit(256).';
+    END IF;
+    RETURN QUERY
+        SELECT m.row_key, m.source, m.pdq, m.quality, hashes[m.listed], m.distance
+        FROM @extschema@.pdq_matches(tbl, coalesce(hashes, '{}'), max_bits, min_quality) m;
+END $$;
+COMMENT ON FUNCTION @extschema@.pdq_list_matches(regclass, regclass, name, int, int) IS
+  'Every row of tbl within max_bits (default 31) of any hash in column list_column of table list (64 hex digits as text, as ThreatExchange and HMA export them, or bit(256)), with listed: that hash; see pdq_matches(regclass, bit[], int, int). The list is read with the caller''s rights.';
 
 COMMENT ON FUNCTION @extschema@.dhash(text) IS 'imagehash''s dHash (hash_size 8) of the image file at this server path, as 16 hex digits; equal to str(imagehash.dhash(PIL.Image.open(path))).';
 COMMENT ON FUNCTION @extschema@.dhash(bytea) IS 'imagehash''s dHash (hash_size 8) of these image bytes, as 16 hex digits.';
@@ -278,7 +370,7 @@ COMMENT ON PROCEDURE @extschema@.fill(regclass, int) IS
   'Fill the vector column of a watched table in the foreground, committing each batch; NOTICE per batch with progress, images/s and ETA. Rows that others hold (the worker''s batch, another fill) are waited for, so it returns when no row is left to do but those waiting for a retry or given up. CALL it outside a transaction block.';
 
 -- Forget a dropped table, and end the watch of a table that lost a column doppler works with
--- (its source, vector, hash, model or key column), with a WARNING instead of a failing batch on
+-- (its source, vector, hash, PDQ, model or key column), with a WARNING instead of a failing batch on
 -- every pass. Any role that can drop a table or column fires this, and only the extension owner
 -- may write doppler's catalog: SECURITY DEFINER, over what the event reports (oids, names); the
 -- table's own code is never run.
@@ -299,7 +391,8 @@ BEGIN
           AND d.objsubid OPERATOR(pg_catalog.>) 0
           AND d.address_names[3]::pg_catalog.name OPERATOR(pg_catalog.=) ANY (
                 x.key_columns OPERATOR(pg_catalog.||)
-                ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column]::pg_catalog.name[])
+                ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column,
+                      x.pdq_column, x.pdq_quality_column]::pg_catalog.name[])
     LOOP
         RAISE WARNING 'doppler no longer watches %: its column % was dropped', w.relid, pg_catalog.quote_ident(w.col)
               USING HINT = 'Call doppler.watch() again with the columns it should use.';
@@ -387,19 +480,23 @@ REVOKE ALL ON @extschema@.external_workers FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_register(text, int, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_claim(bigint, int, oid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb, text[], int[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_heartbeat(bigint, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_unregister(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.worker_backlog(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.worker_register(text, int, text, text), @extschema@.worker_claim(bigint, int, oid[]),
-      @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb), @extschema@.worker_heartbeat(bigint, jsonb),
+      @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb),
+      @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb, text[], int[]), @extschema@.worker_heartbeat(bigint, jsonb),
       @extschema@.worker_unregister(bigint), @extschema@.worker_backlog(bigint) TO doppler_worker;
 REVOKE ALL ON FUNCTION @extschema@._model_sha256(text) FROM PUBLIC;
 COMMENT ON FUNCTION @extschema@.worker_register(text, int, text, text) IS
   'For doppler-worker (members of doppler_worker): registers a worker process; returns its id and the server''s settings it works under (image limits, URL policy, heartbeat interval, lease).';
 COMMENT ON FUNCTION @extschema@.worker_claim(bigint, int, oid[]) IS
   'For doppler-worker, in a transaction block: a batch of one table whose owner allowed external workers (up to max_rows; tables in skip passed over), locked until the transaction ends (its idle_in_transaction_session_timeout lowered to doppler.worker_lease): each row''s number, the table, the model (file name, SHA-256, preprocessing, dim) and its source (path or URL) or image bytes.';
+COMMENT ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb, text[], int[]) IS
+  'For doppler-worker, in the claiming transaction: the features (flat, rows x dim), dHashes, PDQ hashes (64 hex digits) and qualities of rows n of the batch it holds (PDQ ones for tables with a PDQ column), and its failures ([{"n", "kind", "message", "retry_after_s"}]); refused unless sha256 is the model file''s recorded SHA-256. Rows neither written nor failed go back to the queue at commit. Returns the rows written.';
 COMMENT ON FUNCTION @extschema@.worker_write(bigint, text, int[], real[], text[], jsonb) IS
-  'For doppler-worker, in the claiming transaction: the features (flat, rows x dim) and dHashes of rows n of the batch it holds, and its failures ([{"n", "kind", "message", "retry_after_s"}]); refused unless sha256 is the model file''s recorded SHA-256. Rows neither written nor failed go back to the queue at commit. Returns the rows written.';
+  'doppler-worker 0.10.0''s form of worker_write, without PDQ hashes: refused for the rows of tables with a PDQ column.';
 COMMENT ON FUNCTION @extschema@.worker_heartbeat(bigint, jsonb) IS
   'For doppler-worker: what it holds now (holding_table, holding_rows), its totals (rows_done, rows_failed), rate and last_error; shown by doppler.workers.';
 COMMENT ON FUNCTION @extschema@.worker_unregister(bigint) IS 'For doppler-worker: forgets a worker that stops cleanly.';
@@ -428,6 +525,7 @@ CREATE POLICY failures_of_own_tables ON @extschema@.failures FOR SELECT
                                    WHERE c.oid OPERATOR(pg_catalog.=) relid::pg_catalog.oid), 'USAGE'));
 -- Internal functions: those the public wrappers need check the caller's rights inside
 -- (_watch, _unwatch, _retry_failed, _fill_batch, _fill_wait, _create_index: ownership; _similar,
--- _duplicates, _near_duplicates, _counts, _status: SELECT); the rest are not for PUBLIC.
+-- _duplicates, _near_duplicates, _pdq_near, _pdq_matches, _counts, _status: SELECT); the rest are
+-- not for PUBLIC.
 REVOKE ALL ON FUNCTION @extschema@._check_model(text) FROM PUBLIC;
 

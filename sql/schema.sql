@@ -73,7 +73,10 @@ CREATE TABLE @extschema@.watched (
     overruns       int NOT NULL DEFAULT 0,  -- worker batches in a row that overran doppler.worker_batch_timeout
     backoff_until  timestamptz,     -- after an overrun, the worker leaves the table alone until then
     -- who fills it in the background (0.10.0): the server's worker, external workers, or both
-    workers        text NOT NULL DEFAULT 'server' CHECK (workers IN ('server', 'external', 'any'))
+    workers        text NOT NULL DEFAULT 'server' CHECK (workers IN ('server', 'external', 'any')),
+    -- filled with each image's PDQ hash (bit(256)) and its quality (an integer column) when NULL (0.11.0)
+    pdq_column     name,
+    pdq_quality_column name CHECK (pdq_quality_column IS NULL OR pdq_column IS NOT NULL)
 );
 COMMENT ON TABLE @extschema@.watched IS 'Tables whose vector column doppler fills; change it with doppler.watch() and doppler.unwatch().';
 

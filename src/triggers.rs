@@ -255,12 +255,15 @@ pub extern "C" fn pg_finfo_doppler_clear_stale() -> &'static pg_sys::Pg_finfo_re
     &V1
 }
 
-/// The columns of a watched table that are derived from its image: vector, model tag, hash. For
+/// The columns of a watched table that are derived from its image: vector, model tag, hash, PDQ
+/// hash and quality. For
 /// a partition (the trigger is cloned onto each), those of its nearest watched ancestor.
 fn derived_columns(relid: pg_sys::Oid) -> Vec<String> {
     as_catalog(extension_owner(), || {
         Spi::get_one_with_args::<Vec<Option<String>>>(
-            "SELECT ARRAY[w.vector_column, w.model_column, w.hash_column]::pg_catalog.text[]
+            "SELECT ARRAY[w.vector_column, w.model_column, w.hash_column,
+                          pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_column',
+                          pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_quality_column']::pg_catalog.text[]
              FROM (SELECT $1::pg_catalog.oid AS relid, 0::pg_catalog.int8 AS depth
                    UNION ALL
                    SELECT a.relid::pg_catalog.oid, a.depth
@@ -300,9 +303,18 @@ pub unsafe extern "C-unwind" fn doppler_on_rename(
 /// come from the statement's parse tree ([`renamed_column`]), the table from the event's
 /// collected command (its oid): nothing is guessed.
 fn follow_rename(old: &str, new: &str) {
-    as_catalog(extension_owner(), || {
-        Spi::run_with_args(
-            "WITH RECURSIVE args AS (SELECT $1::pg_catalog.name AS old, $2::pg_catalog.name AS new),
+    // (the PDQ columns are 0.11.0's)
+    let (pdq_set, pdq_cols) = if Installed::get().is_some_and(Installed::has_pdq) {
+        (
+            "pdq_column = CASE WHEN x.pdq_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.pdq_column END,
+                 pdq_quality_column = CASE WHEN x.pdq_quality_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.pdq_quality_column END,",
+            ", x.pdq_column, x.pdq_quality_column",
+        )
+    } else {
+        ("", "")
+    };
+    let sql = format!(
+        "WITH RECURSIVE args AS (SELECT $1::pg_catalog.name AS old, $2::pg_catalog.name AS new),
              renamed AS (
                  SELECT DISTINCT c.objid AS relid FROM pg_catalog.pg_event_trigger_ddl_commands() c
                  WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
@@ -322,14 +334,16 @@ fn follow_rename(old: &str, new: &str) {
                  vector_column = CASE WHEN x.vector_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.vector_column END,
                  hash_column = CASE WHEN x.hash_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.hash_column END,
                  model_column = CASE WHEN x.model_column OPERATOR(pg_catalog.=) a.old THEN a.new ELSE x.model_column END,
+                 {pdq_set}
                  key_columns = pg_catalog.array_replace(x.key_columns, a.old, a.new)
              FROM args a
              WHERE x.relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT tree.relid FROM tree))
                AND a.old OPERATOR(pg_catalog.=) ANY (x.key_columns OPERATOR(pg_catalog.||)
-                     ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column])",
-            &[old.into(), new.into()],
-        )
-        .or_raise(|| format!("could not follow the rename of column \"{old}\""))
+                     ARRAY[x.source_column, x.vector_column, x.hash_column, x.model_column{pdq_cols}])"
+    );
+    as_catalog(extension_owner(), || {
+        Spi::run_with_args(&sql, &[old.into(), new.into()])
+            .or_raise(|| format!("could not follow the rename of column \"{old}\""))
     });
 }
 

@@ -32,6 +32,19 @@ pub struct WatchArgs<'a> {
     pub dedup: bool,
     pub model: Option<&'a str>,
     pub model_column: Option<&'a str>,
+    /// The PDQ hash's `bit(256)` column and its quality's integer column (0.11.0).
+    pub pdq_column: Option<&'a str>,
+    pub pdq_quality_column: Option<&'a str>,
+}
+
+impl WatchArgs<'_> {
+    /// The fingerprint columns filled with the vector (`Watched::marks`).
+    fn marks(&self) -> Vec<&str> {
+        [self.hash_column, self.pdq_column]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 /// A watch as `watch` will register it: the arguments checked against the table.
@@ -149,6 +162,7 @@ fn plan<'a>(args: &'a WatchArgs<'a>) -> Plan<'a> {
         );
     }
     check_hash_column(args, name);
+    check_pdq_columns(args, name);
     let model_column = model_column(args, current.as_ref());
     Plan {
         args,
@@ -297,6 +311,66 @@ fn check_hash_column(args: &WatchArgs, name: &str) {
     }
 }
 
+/// The PDQ column is `bit(256)` (or `bit varying`, 256 bits or more), its quality column an
+/// integer, neither one of the other columns; they need 0.11.0's catalog.
+fn check_pdq_columns(args: &WatchArgs, name: &str) {
+    if args.pdq_quality_column.is_some() && args.pdq_column.is_none() {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "pdq_quality_column needs a pdq_column",
+            "Pass pdq_column => 'pdq' (a bit(256) column) with the quality column.",
+        );
+    }
+    let Some(p) = args.pdq_column else {
+        return;
+    };
+    if !Installed::get().is_some_and(Installed::has_pdq) {
+        raise(
+            Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "PDQ columns need doppler 0.11.0's SQL objects in this database",
+            "Run ALTER EXTENSION doppler UPDATE.",
+        );
+    }
+    match existing_column(args.relid, p, name) {
+        (t, _, m) if t == "bit" && m == 256 => {}
+        (t, _, m) if t == "varbit" && !(0..256).contains(&m) => {}
+        (_, shown, _) => raise(
+            Code::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "PDQ column {} of table {name} is {shown}",
+                quote_identifier(p)
+            ),
+            "A PDQ hash is 256 bits: use a bit(256) column.",
+        ),
+    }
+    if let Some(q) = args.pdq_quality_column {
+        match existing_column(args.relid, q, name) {
+            (t, _, _) if t == "int2" || t == "int4" || t == "int8" => {}
+            (_, shown, _) => raise(
+                Code::ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "PDQ quality column {} of table {name} is {shown}",
+                    quote_identifier(q)
+                ),
+                "The quality is an integer from 0 to 100: use an integer column.",
+            ),
+        }
+    }
+    let mut named = vec![args.source_column, args.vector_column, p];
+    named.extend(args.hash_column);
+    named.extend(args.pdq_quality_column);
+    let mut sorted = named.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != named.len() {
+        raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            "the PDQ and PDQ quality columns must differ from each other and from the source, vector and hash columns",
+            "",
+        );
+    }
+}
+
 /// The column that records which model (name@version) made each row's vector: the one named,
 /// else the current watch's, else `<vector>_model`.
 fn model_column(args: &WatchArgs, current: Option<&Watched>) -> String {
@@ -316,11 +390,13 @@ fn model_column(args: &WatchArgs, current: Option<&Watched>) -> String {
         args.source_column,
         args.vector_column,
         args.hash_column.unwrap_or(""),
+        args.pdq_column.unwrap_or(""),
+        args.pdq_quality_column.unwrap_or(""),
     ];
     if others.contains(&model_column.as_str()) {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            "the model column must differ from the source, vector and hash columns",
+            "the model column must differ from the source, vector, hash and PDQ columns",
             "",
         );
     }
@@ -380,6 +456,7 @@ fn prepare_table(plan: &Plan) {
         w.vector_column != args.vector_column
             || w.source_column != args.source_column
             || w.hash_column.as_deref() != args.hash_column
+            || w.pdq_column.as_deref() != args.pdq_column
             || w.model_column != plan.model_column
     });
     let existing = pending_indexes(relid);
@@ -451,6 +528,18 @@ fn register(plan: &Plan) {
             ],
         )
         .or_raise(|| format!("could not register {}", plan.table.name));
+        if Installed::get().is_some_and(Installed::has_pdq) {
+            Spi::run_with_args(
+                "UPDATE doppler.watched SET pdq_column = $2, pdq_quality_column = $3
+                 WHERE relid OPERATOR(pg_catalog.=) $1::pg_catalog.oid::pg_catalog.regclass",
+                &[
+                    args.relid.into(),
+                    args.pdq_column.into(),
+                    args.pdq_quality_column.into(),
+                ],
+            )
+            .or_raise(|| format!("could not register {}", plan.table.name));
+        }
         if Installed::get().is_some_and(Installed::has_stale_scan) {
             Spi::run_with_args(
                 "UPDATE doppler.watched SET stale_scan = NULL
@@ -554,7 +643,7 @@ fn create_pending_index(plan: &Plan) {
             "",
             args.source_column,
             args.vector_column,
-            args.hash_column,
+            &args.marks(),
             &plan.model_column
         ),
     );

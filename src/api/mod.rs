@@ -2,6 +2,7 @@
 pub mod features;
 pub mod fill;
 pub mod hash;
+pub mod pdq;
 pub mod search;
 pub mod status;
 pub mod watch;

@@ -30,6 +30,8 @@ closed_set!(
     Cosine => "cosine",
     /// Hamming distance between dHashes (an index only: `create_index(tbl, 'hamming')`).
     Hamming => "hamming",
+    /// Hamming distance between PDQ hashes (an index only: `create_index(tbl, 'pdq')`).
+    Pdq => "pdq",
 });
 
 fn same_len(a: &[f32], b: &[f32]) {
@@ -71,7 +73,7 @@ fn cosine_distance(a: Vec<f32>, b: Vec<f32>) -> f64 {
 /// casts and operators never run with the caller's rights), after checking that the caller may
 /// SELECT it. Row-level security that would hide rows from the caller cannot be honoured by a
 /// scan as the owner: such a caller is refused.
-fn readable(relid: pg_sys::Oid) -> Watched {
+pub(super) fn readable(relid: pg_sys::Oid) -> Watched {
     let w = watched(relid);
     if acts_as(current_user(), w.owner) {
         lock_for_reading(relid);
@@ -110,7 +112,7 @@ fn watched(relid: pg_sys::Oid) -> Watched {
 
 /// The source as the search functions show it, over alias `t`: the path, or the size of the
 /// image bytes.
-fn source_text(w: &Watched) -> String {
+pub(super) fn source_text(w: &Watched) -> String {
     if w.source_kind == SourceKind::Bytea {
         format!(
             "pg_catalog.format('bytea, %s bytes', pg_catalog.octet_length(t.{}))",
@@ -261,7 +263,7 @@ fn iterative_scan() -> Option<(&'static str, String)> {
 
 /// Sets a planner or pgvector setting for the query that follows (transaction-local, so an error
 /// also undoes it); None when the setting does not exist here.
-fn set_for_query(name: &'static str, value: &str) -> Option<(&'static str, String)> {
+pub(super) fn set_for_query(name: &'static str, value: &str) -> Option<(&'static str, String)> {
     let before = Spi::get_one_with_args::<String>(
         "SELECT pg_catalog.current_setting($1, true)",
         &[name.into()],
@@ -276,7 +278,7 @@ fn set_for_query(name: &'static str, value: &str) -> Option<(&'static str, Strin
     Some((name, before))
 }
 
-fn restore_setting(before: Option<(&'static str, String)>) {
+pub(super) fn restore_setting(before: Option<(&'static str, String)>) {
     if let Some((name, value)) = before {
         let _ = Spi::run_with_args(
             "SELECT pg_catalog.set_config($1, $2, true)",
@@ -410,6 +412,7 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     lock_for_reading(relid);
     let ops = match Metric::from_arg(metric) {
         Metric::Hamming => return create_hash_index(&w),
+        Metric::Pdq => return super::pdq::create_pdq_index(&w),
         Metric::L2 => "halfvec_l2_ops",
         Metric::Cosine => "halfvec_cosine_ops",
     };

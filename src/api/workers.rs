@@ -57,7 +57,8 @@ fn worker_claim(
 
 /// The worker's results for rows of the batch this transaction holds: vectors (flat, rows ×
 /// dim) and dHashes for rows `n`, and failures (`[{"n", "kind", "message", "retry_after_s"}]`).
-/// Returns the rows written.
+/// Returns the rows written. (doppler-worker 0.10.0's form; tables with a PDQ column need the
+/// other.)
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn worker_write(
@@ -68,16 +69,63 @@ fn worker_write(
     hashes: default!(Vec<Option<String>>, "'{}'"),
     failures: default!(JsonB, "'[]'"),
 ) -> i64 {
+    write(
+        worker,
+        sha256,
+        (&n, &vectors),
+        &hashes,
+        (&[], &[]),
+        &failures,
+    )
+}
+
+/// The same with each row's PDQ hash (64 hex digits) and quality (0.11.0).
+#[pg_extern(name = "worker_write", volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn worker_write_pdq(
+    worker: i64,
+    sha256: &str,
+    n: Vec<i32>,
+    vectors: Vec<f32>,
+    hashes: Vec<Option<String>>,
+    failures: JsonB,
+    pdq: Vec<Option<String>>,
+    pdq_quality: Vec<Option<i32>>,
+) -> i64 {
+    write(
+        worker,
+        sha256,
+        (&n, &vectors),
+        &hashes,
+        (&pdq, &pdq_quality),
+        &failures,
+    )
+}
+
+fn write(
+    worker: i64,
+    sha256: &str,
+    (n, vectors): (&[i32], &[f32]),
+    hashes: &[Option<String>],
+    (pdq, pdq_quality): (&[Option<String>], &[Option<i32>]),
+    failures: &JsonB,
+) -> i64 {
     workers::check_worker(worker);
     workers::release_advisory_locks();
     workers::check_top_level("doppler.worker_write");
     let failed = reported(&failures.0);
+    let marks = remote::Answered {
+        hashes,
+        pdq,
+        pdq_quality,
+    };
     // (the write runs the owner's triggers: under the same limit as a claim)
     let written = match remote::held_table() {
         Some(relid) => workers::guard::run(relid, || {
-            remote::answer(worker, sha256, &n, &vectors, &hashes, &failed)
+            remote::answer(worker, sha256, n, vectors, &marks, &failed)
         }),
-        None => remote::answer(worker, sha256, &n, &vectors, &hashes, &failed),
+        None => remote::answer(worker, sha256, n, vectors, &marks, &failed),
     };
     workers::release_advisory_locks();
     written

@@ -60,6 +60,7 @@ pub fn infer(
         threads: gucs::decode_threads(),
         chunk: gucs::INFERENCE_BATCH_SIZE.get().max(1) as usize,
         want_hash: w.hash_column.is_some(),
+        want_pdq: w.pdq_column.is_some(),
         release,
         scope: u32::from(w.relid) as u64,
         ahead,
@@ -237,7 +238,7 @@ impl Chunks<'_> {
     }
 
     /// The chunk's rows that need the model, in groups; the others settled here: an image that
-    /// failed, a row that only needed its hash, a skip hash, a hash this batch already inferred.
+    /// failed, a row that only needed its hashes, a skip hash, a hash this batch already inferred.
     fn group(&mut self, rows: &[usize], images: Vec<PreparedImage>) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
         for (&j, image) in rows.iter().zip(images) {
@@ -250,7 +251,8 @@ impl Chunks<'_> {
                 }
             };
             let c = &self.claimed[i];
-            let hash = c.hash.clone().or_else(|| computed.map(dhash::to_hex));
+            self.done.outcomes[i].pdq = computed.pdq;
+            let hash = c.hash.clone().or_else(|| computed.dhash.map(dhash::to_hex));
             if c.hash.is_none() {
                 self.done.outcomes[i].hash = hash.clone();
             }

@@ -113,6 +113,8 @@ pub struct Claimed {
 struct Outcome {
     vector: Option<Vec<f32>>,
     hash: Option<String>,
+    /// The PDQ hash (with a PDQ column): written where the row has none.
+    pdq: Option<doppler_core::pdq::Pdq>,
 }
 
 /// Claims up to `limit` rows of `w` and fills them. `w` comes from `watched::lock` in this

@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use doppler_core::{Error, ErrorKind, Source};
+use doppler_core::{pdq, Error, ErrorKind, Source};
 use pgrx::prelude::*;
 
 use super::{claim, failures, settle, BatchReport, Claimed, Outcome, Phases, Via};
@@ -57,6 +57,14 @@ thread_local! {
 pub struct Batch {
     /// The rows' sources (`Source::Path`: a server path or URL; `Source::Bytes`: the image).
     pub sources: Vec<Source>,
+}
+
+/// The fingerprints of a worker's answer, one per answered row (or none at all): dHashes, PDQ
+/// hashes (64 hex digits) and their qualities.
+pub struct Answered<'a> {
+    pub hashes: &'a [Option<String>],
+    pub pdq: &'a [Option<String>],
+    pub pdq_quality: &'a [Option<i32>],
 }
 
 /// One row's failure, as a worker reports it.
@@ -171,15 +179,15 @@ pub fn claim(w: &Watched, worker: i64, limit: i64, sha256: &str, dim: usize) -> 
 }
 
 /// The worker's answer for rows of the batch this transaction holds: `n` (row numbers) with
-/// `vectors` (`n.len()` × the model's dim, row-major) and `hashes` (one per row, or none),
-/// and `failed` rows. Written as the table owner; failures recorded as for the server's own
+/// `vectors` (`n.len()` × the model's dim, row-major) and fingerprints (`marks`: each one per
+/// row, or none), and `failed` rows. Written as the table owner; failures recorded as for the server's own
 /// batches. Returns the rows whose vector (or missing hash) was written.
 pub fn answer(
     worker: i64,
     sha256: &str,
     n: &[i32],
     vectors: &[f32],
-    hashes: &[Option<String>],
+    marks: &Answered,
     failed: &[Reported],
 ) -> i64 {
     let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
@@ -192,7 +200,7 @@ pub fn answer(
         }
         not_held(worker)
     }
-    let r = check_and_write(&mut held, sha256, n, vectors, hashes, failed);
+    let r = check_and_write(&mut held, sha256, n, vectors, marks, failed);
     HELD.with(|h| *h.borrow_mut() = Some(held));
     r
 }
@@ -215,10 +223,10 @@ fn check_and_write(
     sha256: &str,
     n: &[i32],
     vectors: &[f32],
-    hashes: &[Option<String>],
+    marks: &Answered,
     failed: &[Reported],
 ) -> i64 {
-    check_shapes(held, sha256, n, vectors, hashes);
+    check_shapes(held, sha256, n, vectors, marks);
     // each row of the batch answered once: by a vector or a failure
     let rows: Vec<usize> = n.iter().map(|&k| take(held, k)).collect();
     let errors: Vec<(usize, Error)> = failed
@@ -227,7 +235,7 @@ fn check_and_write(
         .collect();
     let w = locked_watch(held);
     let writing = Instant::now();
-    let (mut outcomes, skips) = outcomes_of(&w, held, &rows, n, vectors, hashes);
+    let (mut outcomes, skips) = outcomes_of(&w, held, &rows, n, vectors, marks);
     let failed = settle(
         &w,
         &held.tag,
@@ -263,13 +271,15 @@ fn check_and_write(
     outcomes
         .iter()
         .zip(&held.claimed)
-        .filter(|(o, c)| o.vector.is_some() || (c.has_vector && o.hash.is_some()))
+        .filter(|(o, c)| {
+            o.vector.is_some() || (c.has_vector && (o.hash.is_some() || o.pdq.is_some()))
+        })
         .count() as i64
 }
 
-/// The model file is the recorded one, there are dim finite floats per row and a hash per row
-/// (or none); 22023 otherwise.
-fn check_shapes(held: &Held, sha256: &str, n: &[i32], vectors: &[f32], hashes: &[Option<String>]) {
+/// The model file is the recorded one, there are dim finite floats per row and a hash, PDQ hash
+/// and quality per row (or none); 22023 otherwise.
+fn check_shapes(held: &Held, sha256: &str, n: &[i32], vectors: &[f32], marks: &Answered) {
     if !sha256.eq_ignore_ascii_case(&held.sha256) {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -296,12 +306,17 @@ fn check_shapes(held: &Held, sha256: &str, n: &[i32], vectors: &[f32], hashes: &
             vectors[k]
         ));
     }
-    if !hashes.is_empty() && hashes.len() != n.len() {
-        bad(format!(
-            "{} hashes for {} rows: one per row, or none",
-            hashes.len(),
-            n.len()
-        ));
+    for (what, len) in [
+        ("hashes", marks.hashes.len()),
+        ("PDQ hashes", marks.pdq.len()),
+        ("PDQ qualities", marks.pdq_quality.len()),
+    ] {
+        if len != 0 && len != n.len() {
+            bad(format!(
+                "{len} {what} for {} rows: one per row, or none",
+                n.len()
+            ));
+        }
     }
 }
 
@@ -357,7 +372,7 @@ fn outcomes_of(
     rows: &[usize],
     n: &[i32],
     vectors: &[f32],
-    hashes: &[Option<String>],
+    marks: &Answered,
 ) -> (Vec<Outcome>, Vec<(usize, String)>) {
     let skip_list = if w.dedup {
         gucs::skip_hashes()
@@ -368,7 +383,10 @@ fn outcomes_of(
     let mut skips = Vec::new();
     for (k, &i) in rows.iter().enumerate() {
         let c = &held.claimed[i];
-        let hash = match hashes.get(k).cloned().flatten() {
+        if w.pdq_column.is_some() {
+            outcomes[i].pdq = Some(answered_pdq(marks, k, n[k], &w.name));
+        }
+        let hash = match marks.hashes.get(k).cloned().flatten() {
             Some(h) if is_dhash(&h) => Some(h.to_ascii_lowercase()),
             Some(h) => bad(format!("\"{h}\" is not a dHash (16 hex digits)")),
             None => None,
@@ -392,6 +410,31 @@ fn outcomes_of(
         }
     }
     (outcomes, skips)
+}
+
+/// Row `k`'s PDQ hash and quality in a worker's answer (row number `number`): 64 hex digits and
+/// 0 to 100; 22023 when missing or malformed.
+fn answered_pdq(marks: &Answered, k: usize, number: i32, table: &str) -> pdq::Pdq {
+    let (Some(h), Some(q)) = (
+        marks.pdq.get(k).cloned().flatten(),
+        marks.pdq_quality.get(k).copied().flatten(),
+    ) else {
+        bad(format!(
+            "row {number} needs its PDQ hash and quality: {table} has a PDQ column"
+        ))
+    };
+    let Some(hash) = pdq::parse_hex(&h) else {
+        bad(format!("\"{h}\" is not a PDQ hash (64 hex digits)"))
+    };
+    if !(0..=100).contains(&q) {
+        bad(format!(
+            "row {number}: PDQ quality {q} is not between 0 and 100"
+        ));
+    }
+    pdq::Pdq {
+        hash,
+        quality: q as u32,
+    }
 }
 
 /// A failure a worker reports, as doppler-core's error (an unknown kind is `internal`); a

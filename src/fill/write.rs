@@ -1,6 +1,7 @@
 //! The write phase of a batch: each claimed row's vector, hash and model tag written back by
 //! ctid, in the claiming transaction, as the table owner.
 
+use doppler_core::pdq;
 use pgrx::prelude::*;
 
 use super::failures::{Class, Failure};
@@ -22,7 +23,10 @@ pub fn write(
     held: &[bool],
     isolate: bool,
 ) -> Vec<Failure> {
-    let written = |i: usize| outcomes[i].vector.is_some() || outcomes[i].hash.is_some();
+    let written = |i: usize| {
+        let o = &outcomes[i];
+        o.vector.is_some() || o.hash.is_some() || o.pdq.is_some()
+    };
     let rows: Vec<usize> = (0..claimed.len())
         .filter(|&i| written(i) || held[i])
         .collect();
@@ -71,16 +75,29 @@ struct Update<'a> {
 impl Update<'_> {
     /// The statement: the vector where one was made (`$1`), the model tag (this model's where a
     /// vector is written, [`HELD`] where the row failed or was skipped: `$4`), the hash where
-    /// the row had none (`$5`), by ctid (`$2`) and tableoid (`$3`).
+    /// the row had none (`$5`), the PDQ hash (`$6`, 64 hex digits) and its quality (`$7`) where
+    /// the row had no PDQ hash, by ctid (`$2`) and tableoid (`$3`).
     fn sql(&self) -> String {
         let w = self.w;
-        let hash_set = match &w.hash_column {
+        let mut hash_set = match &w.hash_column {
             Some(h) => {
                 let h = pgrx::spi::quote_identifier(h);
                 format!(", {h} = coalesce({h}, $5)")
             }
             None => String::new(),
         };
+        if let Some(p) = &w.pdq_column {
+            let p = pgrx::spi::quote_identifier(p);
+            hash_set.push_str(&format!(
+                ", {p} = coalesce({p}, ('x' OPERATOR(pg_catalog.||) $6)::pg_catalog.bit(256))"
+            ));
+            if let Some(q) = &w.pdq_quality_column {
+                let q = pgrx::spi::quote_identifier(q);
+                hash_set.push_str(&format!(
+                    ", {q} = CASE WHEN {p} IS NULL AND $6 IS NOT NULL THEN $7 ELSE {q} END"
+                ));
+            }
+        }
         format!(
             "UPDATE {table} SET {vec} = coalesce({param}, {vec}),
                     {mc} = CASE WHEN $1 IS NOT NULL THEN {tag} WHEN $4 THEN {held}::pg_catalog.text ELSE {mc} END{hash_set}
@@ -103,9 +120,10 @@ impl Update<'_> {
             pgrx::PgOid::from(pg_sys::OIDOID),
             pgrx::PgOid::from(pg_sys::BOOLOID),
         ];
-        if w.hash_column.is_some() {
-            types.push(pgrx::PgOid::from(pg_sys::TEXTOID));
-        }
+        // ($5 .. $7 always: a statement may leave a parameter unused, not untyped)
+        types.push(pgrx::PgOid::from(pg_sys::TEXTOID));
+        types.push(pgrx::PgOid::from(pg_sys::TEXTOID));
+        types.push(pgrx::PgOid::from(pg_sys::INT4OID));
         let sql = self.sql();
         w.check_name();
         Spi::connect_mut(|client| {
@@ -118,9 +136,9 @@ impl Update<'_> {
                     c.tableoid.into(),
                     self.held[i].into(),
                 ];
-                if w.hash_column.is_some() {
-                    args.push(o.hash.clone().into());
-                }
+                args.push(o.hash.clone().into());
+                args.push(o.pdq.map(|p| pdq::to_hex(&p.hash)).into());
+                args.push(o.pdq.map(|p| p.quality as i32).into());
                 w.check_name(); // (a plan invalidated by a rename would look the name up again)
                 client.update(&stmt, None, &args)?;
             }

@@ -90,6 +90,12 @@ impl Installed {
         self >= Installed(0, 10, 0)
     }
 
+    /// doppler.watched has `pdq_column` and `pdq_quality_column`, and worker_write takes PDQ
+    /// hashes (0.11.0).
+    pub fn has_pdq(self) -> bool {
+        self >= Installed(0, 11, 0)
+    }
+
     /// The stale-clearing trigger function is 0.1.0's PL/pgSQL one, which takes the derived
     /// columns as trigger arguments (later ones read them from doppler.watched).
     pub fn stale_trigger_takes_columns(self) -> bool {

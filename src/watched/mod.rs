@@ -65,6 +65,10 @@ pub struct Watched {
     /// Who fills it in the background: the server's worker, external workers, or both (0.10.0;
     /// `server` in an older catalog).
     pub workers: Workers,
+    /// The `bit(256)` column filled with each image's PDQ hash, and the integer column with its
+    /// quality (0.11.0).
+    pub pdq_column: Option<String>,
+    pub pdq_quality_column: Option<String>,
 }
 
 /// What the model column holds in a row that doppler holds back: its image failed, or its hash
@@ -92,7 +96,9 @@ const WATCHED_SQL: &str = "
            coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'overruns')::pg_catalog.int4, 0),
            coalesce((pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'backoff_until')::pg_catalog.timestamptz
                     OPERATOR(pg_catalog.>) pg_catalog.now(), false),
-           coalesce(pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'workers', 'server')
+           coalesce(pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'workers', 'server'),
+           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_column',
+           pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_quality_column'
     FROM doppler.watched w
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid::pg_catalog.oid
     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -103,7 +109,8 @@ const WATCHED_SQL: &str = "
 
 /// The columns of watch `w` (over `pg_class c`) whose type does not fit it any more, as text, or
 /// NULL: the source a text, varchar or bytea as watched, the vector real[] or pgvector's own
-/// vector or halfvec as watched, the hash text or varchar of 16 or more, the model tag text, all
+/// vector or halfvec as watched, the hash text or varchar of 16 or more, the PDQ column bit(256) or
+/// bit varying of 256 or more, its quality smallint, integer or bigint, the model tag text, all
 /// PostgreSQL's own types (a type of the same name in another schema is not one). With these, the
 /// statements doppler runs over the table (claims, counts) call no code of the owner's types.
 /// The event trigger that follows ALTER TABLE ends a watch that stops fitting (`triggers.rs`).
@@ -121,6 +128,13 @@ pub const MISFIT_SQL: &str = "
         OR (a.attname OPERATOR(pg_catalog.=) w.hash_column
             AND (a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.<>) ALL ('{pg_catalog.text,pg_catalog.varchar}'::pg_catalog.regtype[])
                  OR a.atttypmod OPERATOR(pg_catalog.>=) 4 AND a.atttypmod OPERATOR(pg_catalog.<) 20))
+        OR (a.attname OPERATOR(pg_catalog.=) (pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_column')::pg_catalog.name
+            AND NOT (a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.=) 'pg_catalog.varbit'::pg_catalog.regtype
+                         AND (a.atttypmod OPERATOR(pg_catalog.<) 0 OR a.atttypmod OPERATOR(pg_catalog.>=) 256)
+                     OR a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.=) 'pg_catalog.bit'::pg_catalog.regtype
+                         AND a.atttypmod OPERATOR(pg_catalog.=) 256))
+        OR (a.attname OPERATOR(pg_catalog.=) (pg_catalog.to_jsonb(w) OPERATOR(pg_catalog.->>) 'pdq_quality_column')::pg_catalog.name
+            AND a.atttypid::pg_catalog.regtype OPERATOR(pg_catalog.<>) ALL ('{pg_catalog.int2,pg_catalog.int4,pg_catalog.int8}'::pg_catalog.regtype[]))
         OR (a.attname OPERATOR(pg_catalog.=) w.vector_column AND NOT EXISTS (
                 SELECT FROM pg_catalog.pg_type t
                 WHERE t.oid OPERATOR(pg_catalog.=) a.atttypid
@@ -195,6 +209,8 @@ fn read(sql: &str, args: Vec<pgrx::datum::DatumWithOid>) -> Vec<Watched> {
                     overruns: r.get(21)?.unwrap_or(0),
                     backed_off: r.get(22)?.unwrap_or(false),
                     workers: closed(Workers::parse, r.get(23)?, "workers", &name),
+                    pdq_column: r.get(24)?,
+                    pdq_quality_column: r.get(25)?,
                     name,
                 });
             }

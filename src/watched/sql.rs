@@ -9,17 +9,21 @@ use pgrx::spi::{quote_identifier, quote_literal};
 
 use super::{SourceKind, VectorKind, Watched, HELD};
 
-/// `(vector IS NULL [OR hash IS NULL])`, columns prefixed with `prefix` (`"t."`, or `""` in an
-/// index predicate).
-pub fn pending_predicate(prefix: &str, vector: &str, hash: Option<&str>) -> String {
+/// `(vector IS NULL [OR hash IS NULL] [OR pdq IS NULL])`, columns prefixed with `prefix` (`"t."`,
+/// or `""` in an index predicate): `marks` are the fingerprint columns (dHash, PDQ) filled with
+/// the vector.
+pub fn pending_predicate(prefix: &str, vector: &str, marks: &[&str]) -> String {
     let vec = quote_identifier(vector);
-    match hash {
-        Some(h) => format!(
-            "({prefix}{vec} IS NULL OR {prefix}{} IS NULL)",
-            quote_identifier(h)
-        ),
-        None => format!("{prefix}{vec} IS NULL"),
+    if marks.is_empty() {
+        return format!("{prefix}{vec} IS NULL");
     }
+    let mut parts = vec![format!("{prefix}{vec} IS NULL")];
+    parts.extend(
+        marks
+            .iter()
+            .map(|m| format!("{prefix}{} IS NULL", quote_identifier(m))),
+    );
+    format!("({})", parts.join(" OR "))
 }
 
 /// `(model IS NULL OR model <> '!failed')`: the row is not held back.
@@ -37,12 +41,12 @@ pub fn pending_index_predicate(
     prefix: &str,
     source: &str,
     vector: &str,
-    hash: Option<&str>,
+    marks: &[&str],
     model: &str,
 ) -> String {
     format!(
         "{} AND {prefix}{} IS NOT NULL AND {}",
-        pending_predicate(prefix, vector, hash),
+        pending_predicate(prefix, vector, marks),
         quote_identifier(source),
         unheld_predicate(prefix, model)
     )
@@ -69,15 +73,20 @@ impl Watched {
         format!("{alias}.{}", quote_identifier(column))
     }
 
+    /// The fingerprint columns filled with the vector, when NULL: the dHash's and the PDQ hash's
+    /// (its quality column follows the PDQ column).
+    pub fn marks(&self) -> Vec<&str> {
+        [&self.hash_column, &self.pdq_column]
+            .into_iter()
+            .filter_map(|c| c.as_deref())
+            .collect()
+    }
+
     /// The rows the pending index covers, over `alias`: no vector, or no hash (with a hash
-    /// column). Its predicate adds `source IS NOT NULL` and "not held back"
-    /// ([`Watched::pending_index_over`]).
+    /// column), or no PDQ hash (with a PDQ column). Its predicate adds `source IS NOT NULL` and
+    /// "not held back" ([`Watched::pending_index_over`]).
     pub fn pending_over(&self, alias: &str) -> String {
-        pending_predicate(
-            &format!("{alias}."),
-            &self.vector_column,
-            self.hash_column.as_deref(),
-        )
+        pending_predicate(&format!("{alias}."), &self.vector_column, &self.marks())
     }
 
     /// The pending index's own predicate, over `alias`: the same text as `watch` indexes, so
@@ -87,7 +96,7 @@ impl Watched {
             &format!("{alias}."),
             &self.source_column,
             &self.vector_column,
-            self.hash_column.as_deref(),
+            &self.marks(),
             &self.model_column,
         )
     }
@@ -121,14 +130,20 @@ impl Watched {
     }
 
     /// Rows with work to do for model `tag` (a text value), over `alias`: no vector of that
-    /// model, or (with a hash column) no hash. What claims take, and what a due failure record
-    /// needs to stay.
+    /// model, or (with a hash or PDQ column) no hash. What claims take, and what a due failure
+    /// record needs to stay.
     pub fn todo_over(&self, alias: &str, tag: &str) -> String {
         let current = self.current_vector_over(alias, &quote_literal(tag));
-        match &self.hash_column {
-            Some(h) => format!("(NOT {current} OR {} IS NULL)", self.col(alias, h)),
-            None => format!("NOT {current}"),
+        let mut parts = vec![format!("NOT {current}")];
+        parts.extend(
+            self.marks()
+                .into_iter()
+                .map(|m| format!("{} IS NULL", self.col(alias, m))),
+        );
+        if parts.len() == 1 {
+            return parts.remove(0);
         }
+        format!("({})", parts.join(" OR "))
     }
 
     /// `$n::real[]` cast to the vector column's type (qualified: pgvector may be in any schema).

@@ -239,6 +239,19 @@ pub fn unregister(worker: i64) {
     });
 }
 
+/// Whether worker `worker` computes PDQ hashes: doppler-worker 0.11.0 and later do; an older
+/// one is not handed the rows of tables with a PDQ column (its answers would lack them).
+fn computes_pdq(worker: i64) -> bool {
+    let version = as_catalog(extension_owner(), || {
+        Spi::get_one_with_args::<String>(
+            "SELECT (SELECT version FROM doppler.external_workers WHERE id OPERATOR(pg_catalog.=) $1)",
+            &[worker.into()],
+        )
+        .or_raise(|| "could not read doppler.external_workers".into())
+    });
+    version.is_some_and(|v| Installed::parse(&v) >= Installed::parse("0.11.0"))
+}
+
 /// The watched tables external workers may fill, highest priority first, less `skip` (tables a
 /// worker cannot serve now, its model file differing, say).
 pub fn external_tables(skip: &[pg_sys::Oid]) -> Vec<Watched> {
@@ -290,7 +303,11 @@ pub fn claim(worker: i64, max_rows: i32, skip: &[pg_sys::Oid]) -> Vec<ClaimRow> 
         c.iter().map(|(relid, _)| *relid).collect()
     });
     let skip: Vec<pg_sys::Oid> = skip.iter().chain(&cooling).copied().collect();
-    let tables = external_tables(&skip);
+    let pdq = computes_pdq(worker);
+    let tables: Vec<Watched> = external_tables(&skip)
+        .into_iter()
+        .filter(|w| pdq || w.pdq_column.is_none())
+        .collect();
     let start = NEXT.with(|n| n.get());
     let mut rows = Vec::new();
     for k in 0..tables.len() {
@@ -450,7 +467,7 @@ fn parse_ms(s: &str) -> Option<i64> {
 }
 
 /// What a worker needs to run a table's model as the server would: its file's base name and
-/// SHA-256, its preprocessing and dim, and whether rows need a dHash.
+/// SHA-256, its preprocessing and dim, and whether rows need a dHash and a PDQ hash.
 fn model_json(w: &Watched, spec: &ModelSpec, sha256: &str) -> serde_json::Value {
     let file = std::path::Path::new(&spec.path)
         .file_name()
@@ -472,6 +489,7 @@ fn model_json(w: &Watched, spec: &ModelSpec, sha256: &str) -> serde_json::Value 
         "std": spec.std,
         "dim": spec.dim,
         "want_hash": w.hash_column.is_some(),
+        "want_pdq": w.pdq_column.is_some(),
     })
 }
 

@@ -3,7 +3,7 @@
 doppler writes a watched table's schema, table and column names into SQL text (claims, writes,
 dedup lookups, the stale-model scan, held-row clearing, the sync trigger's read of its transition
 table, the stale-clearing trigger's WHEN, the pending index, status counts, similar, duplicates,
-near_duplicates, the hamming and HNSW indexes). One table whose every name needs quoting, with a
+near_duplicates, the hamming, PDQ and HNSW indexes, the PDQ matches). One table whose every name needs quoting, with a
 one-column and a composite key, goes through each of them as a plain owner, in a database no
 worker serves (so that each outcome is the statement's own), and each must do what it does for
 plain names: a name quoted wrongly is a syntax error or, worse, another column.
@@ -22,6 +22,8 @@ KEY1 = '"the ""key"". 1"'
 KEY2 = '"k2 . ""x"""'
 SRC = '"pic .""p"""'
 HASH = '"h ""a"". sh"'
+PDQ = '"p ""d"". q"'
+PDQQ = '"p.q ""q"""'
 MODEL = 'm.""o"" del'  # a name (unquoted form), as watch(model_column => ...) takes it
 MODEL_Q = '"m.""o"" del"'
 IMAGES = [os.path.join(FIXTURES, f) for f in ("landscape_640x480.jpg", "gray_320x240.png", "gif_160x120.gif")]
@@ -60,9 +62,11 @@ def test_identifiers_with_quotes_dots_and_spaces_reach_every_statement(cluster, 
     c = owner
     vec = '"vec. ""v"" x"'
     keys = f"{KEY1}, {KEY2}" if key == "composite" else KEY1
-    c.execute(f"CREATE TABLE {TABLE} ({KEY1} text, {KEY2} int, {SRC} text, {vec} real[], {HASH} text, PRIMARY KEY ({keys}))")
+    c.execute(f"CREATE TABLE {TABLE} ({KEY1} text, {KEY2} int, {SRC} text, {vec} real[], {HASH} text, "
+              f"{PDQ} bit(256), {PDQQ} smallint, PRIMARY KEY ({keys}))")
+    pdq_args = f"pdq_column => '{name(PDQ).replace(chr(39), chr(39) * 2)}', pdq_quality_column => '{name(PDQQ)}'"
     said = c.execute(
-        "SELECT doppler.watch(%s, %s, %s, mode => 'manual', hash_column => %s, dedup => true, model_column => %s)",
+        f"SELECT doppler.watch(%s, %s, %s, mode => 'manual', hash_column => %s, dedup => true, model_column => %s, {pdq_args})",
         (TABLE, name(SRC), name(vec), name(HASH), name(MODEL_Q))).fetchone()[0]
     assert "doppler watches" in said
     # three rows, two of the same image (dedup), one path that is not there (a failure)
@@ -79,6 +83,8 @@ def test_identifiers_with_quotes_dots_and_spaces_reach_every_statement(cluster, 
         assert close(got[k1], want), k1
     hashes = dict(c.execute(f"SELECT {KEY1}, {HASH} FROM {TABLE}").fetchall())
     assert hashes["a'b"] == c.execute("SELECT doppler.dhash(%s::text)", (IMAGES[0],)).fetchone()[0]
+    pdqs = dict(c.execute(f"SELECT {KEY1}, ({PDQ}::text, {PDQQ}::int) FROM {TABLE}").fetchall())
+    assert pdqs["a'b"] == c.execute("SELECT (hash::text, quality) FROM doppler.pdq(%s::text)", (IMAGES[0],)).fetchone()[0]
     tags = {t for (t,) in c.execute(f"SELECT DISTINCT {MODEL_Q} FROM {TABLE}").fetchall()}
     assert tags == {"resnet50@1", "!failed"}, tags
     assert c.execute("SELECT error_class FROM doppler.failures WHERE relid = %s::regclass", (TABLE,)).fetchone()[0] == "not_found"
@@ -114,9 +120,18 @@ def test_identifiers_with_quotes_dots_and_spaces_reach_every_statement(cluster, 
     assert c.execute("SELECT doppler.create_index(%s, 'hamming')", (TABLE,)).fetchone()[0]
     near = c.execute("SELECT count(*) FROM doppler.near_duplicates(%s, %s, 0)", (TABLE, hashes['c"d'])).fetchone()[0]
     assert near == 2
+    # the PDQ index, one hash through it, a list as an array and as a table whose names need quoting too
+    assert c.execute("SELECT doppler.create_index(%s, 'pdq')", (TABLE,)).fetchone()[0]
+    q = f"(SELECT {PDQ} FROM {TABLE} WHERE {KEY1} = 'c\"d')"
+    assert c.execute(f"SELECT count(*) FROM doppler.near_duplicates(%s, {q}, 0, 0)", (TABLE,)).fetchone()[0] == 2
+    assert c.execute(f"SELECT count(*) FROM doppler.pdq_matches(%s, ARRAY[{q}], 0, 0)", (TABLE,)).fetchone()[0] == 2
+    c.execute(f'CREATE TABLE {SCHEMA}."l.i ""s"" t" ("h ""x"" ." text)')
+    c.execute(f'INSERT INTO {SCHEMA}."l.i ""s"" t" SELECT doppler.pdq_to_hex({q})')
+    assert c.execute("SELECT count(*) FROM doppler.pdq_list_matches(%s, %s, %s, 0, 0)",
+                     (TABLE, f'{SCHEMA}."l.i ""s"" t"', 'h "x" .')).fetchone()[0] == 2
 
     # another model: the stale-model claims (a scan outside the pending index) re-embed every row
-    c.execute("SELECT doppler.watch(%s, %s, %s, mode => 'manual', hash_column => %s, dedup => true, model => 'efficientnet_lite0')",
+    c.execute(f"SELECT doppler.watch(%s, %s, %s, mode => 'manual', hash_column => %s, dedup => true, model => 'efficientnet_lite0', {pdq_args})",
               (TABLE, name(SRC), name(vec), name(HASH)))
     assert c.execute("SELECT stale FROM doppler.status WHERE table_name = %s::regclass", (TABLE,)).fetchone()[0] == 3
     c.execute("CALL doppler.fill(%s)", (TABLE,))
@@ -128,13 +143,13 @@ def test_identifiers_with_quotes_dots_and_spaces_reach_every_statement(cluster, 
 
     # sync mode: the trigger reads its transition table, and a changed source clears the row
     # (the stale-clearing trigger's WHEN compares the keys as text, OLD and NEW)
-    c.execute("SELECT doppler.watch(%s, %s, %s, mode => 'sync', hash_column => %s, dedup => true)",
+    c.execute(f"SELECT doppler.watch(%s, %s, %s, mode => 'sync', hash_column => %s, dedup => true, {pdq_args})",
               (TABLE, name(SRC), name(vec), name(HASH)))
     c.execute(f"INSERT INTO {TABLE} ({KEY1}, {KEY2}, {SRC}) VALUES ('i''j', 5, %s)", (IMAGES[2],))
     assert c.execute(f"SELECT {vec} IS NOT NULL FROM {TABLE} WHERE {KEY2} = 5").fetchone()[0]
     c.execute(f"UPDATE {TABLE} SET {SRC} = %s WHERE {KEY2} = 5", (IMAGES[0],))
-    v, h = c.execute(f"SELECT {vec}, {HASH} FROM {TABLE} WHERE {KEY2} = 5").fetchone()
-    assert h == hashes["a'b"]
+    v, h, p = c.execute(f"SELECT {vec}, {HASH}, ({PDQ}::text, {PDQQ}::int) FROM {TABLE} WHERE {KEY2} = 5").fetchone()
+    assert h == hashes["a'b"] and p == pdqs["a'b"]
     assert close(v, lite)  # (the same image: dedup copied the vector of row a'b)
 
     # unwatch: doppler's triggers and indexes go, the table stays

@@ -16,7 +16,7 @@ from conftest import AS_ROOT, BINDIR, DB, PG_CONFIG, Cluster, as_pg, fixture_pat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-OLD, NEW = "0.1.0", "0.10.0"
+OLD, NEW = "0.1.0", "0.11.0"
 RESTORED = "doppler_restored"
 MODELS = os.environ.get("DOPPLER_MODELS", os.environ.get("DOPPLER_DEPS", "/opt/doppler") + "/models")
 GOOD = [p for p in fixture_paths() if "large_" not in p]

@@ -48,6 +48,7 @@ fn main() {
         threads: decode,
         chunk: batch,
         want_hash: false,
+        want_pdq: false,
         release: false,
         scope: 0,
         ahead: &[],

@@ -31,8 +31,19 @@ impl Source {
     }
 }
 
-/// One prepared image: its input slot (`pre.slot_len()` floats) and, when asked for, its dHash.
-pub type PreparedImage = Result<(Vec<f32>, Option<u64>)>;
+/// One prepared image: its input slot (`pre.slot_len()` floats) and, when asked for, its
+/// fingerprints.
+pub type PreparedImage = Result<(Vec<f32>, Marks)>;
+
+/// The fingerprints of one image, from the same decode as its input slot: each one only when
+/// asked for ([`StreamOptions::want_hash`], [`StreamOptions::want_pdq`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// imagehash's dHash.
+    pub dhash: Option<u64>,
+    /// Meta's PDQ hash and its quality.
+    pub pdq: Option<crate::pdq::Pdq>,
+}
 
 /// How [`prepare_stream`] works: threads, chunk size, dHash, and whether it may leave rows whose
 /// image is still on its way.
@@ -44,6 +55,8 @@ pub struct StreamOptions<'a> {
     pub chunk: usize,
     /// Also compute each image's dHash.
     pub want_hash: bool,
+    /// Also compute each image's PDQ hash (and quality).
+    pub want_pdq: bool,
     /// May end without the images still on the network ([`RELEASE_AFTER`]); else waits for all.
     pub release: bool,
     /// Whose fetches these are (a table's oid): a URL left by one stream is taken by the next
@@ -65,7 +78,7 @@ pub struct StreamStats {
     pub read: Duration,
     /// Decoding to RGB8 (CPU time).
     pub decode: Duration,
-    /// Resizing and normalizing into input slots, and the dHash (CPU time).
+    /// Resizing and normalizing into input slots, and the fingerprints (CPU time).
     pub resize: Duration,
     /// The caller's time waiting for the next chunk.
     pub waited: Duration,
@@ -448,15 +461,15 @@ impl<'a> Stream<'a> {
             }
             let r = catch_panic("preparing an image", || {
                 let mut slot = vec![0f32; self.pre.slot_len()];
-                let hash = prepare_one(
+                let marks = prepare_one(
                     &self.sources[i],
                     taken.map(|t| t.body),
                     (self.pre, self.limits, self.policy),
                     &mut slot,
-                    self.opts.want_hash,
+                    (self.opts.want_hash, self.opts.want_pdq),
                     &mut mine,
                 )?;
-                Ok((slot, hash))
+                Ok((slot, marks))
             });
             let mut st = self.lock();
             st.slots[i] = Slot::Prepared(r);
@@ -538,13 +551,14 @@ fn prepare_one(
     fetched: Option<Result<Vec<u8>>>,
     (pre, limits, policy): (&Preprocess, &Limits, &source::SourcePolicy),
     slot: &mut [f32],
-    want_hash: bool,
+    (want_hash, want_pdq): (bool, bool),
     stats: &mut StreamStats,
-) -> Result<Option<u64>> {
+) -> Result<Marks> {
     let max_bytes = policy.max_bytes;
     let what = src.describe();
+    // (a reduced-DCT decode would change the fingerprints)
     let full = limits.full_decode();
-    let limits = if want_hash { &full } else { limits };
+    let limits = if want_hash || want_pdq { &full } else { limits };
     let loaded;
     let bytes: &[u8] = match (src, fetched) {
         (_, Some(body)) => {
@@ -572,9 +586,12 @@ fn prepare_one(
     stats.decode += t2.saturating_sub(t1);
     let img = img?;
     pre.write_slot(&img, slot);
-    let hash = want_hash.then(|| crate::dhash::dhash(&img));
+    let marks = Marks {
+        dhash: want_hash.then(|| crate::dhash::dhash(&img)),
+        pdq: want_pdq.then(|| crate::pdq::pdq(&img)),
+    };
     stats.resize += thread_cpu().saturating_sub(t2);
-    Ok(hash)
+    Ok(marks)
 }
 
 /// The calling thread's CPU time so far (zero where it cannot be read).

@@ -13,11 +13,13 @@ pub mod error;
 pub mod fetch;
 pub mod model;
 pub mod near;
+pub mod pdq;
+pub mod pdq_near;
 pub mod preprocess;
 pub mod resize;
 pub mod source;
 
-pub use batch::{prepare_stream, PreparedImage, Source, StreamOptions, StreamStats};
+pub use batch::{prepare_stream, Marks, PreparedImage, Source, StreamOptions, StreamStats};
 pub use decode::{decode_rgb, Limits, RgbImage};
 pub use error::{catch_panic, Error, ErrorKind, Result};
 pub use model::{Model, Provider, SessionConfig};

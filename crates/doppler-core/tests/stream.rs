@@ -38,6 +38,7 @@ fn every_source_is_handed_over_once_with_its_own_result() {
         threads: 3,
         chunk: 3,
         want_hash: true,
+        want_pdq: true,
         release: false,
         scope: 0,
         ahead: &[],
@@ -77,7 +78,7 @@ fn every_source_is_handed_over_once_with_its_own_result() {
         match (one, got) {
             (Ok(()), Ok((slot, hash))) => {
                 assert_eq!(slot, &want, "image {i}");
-                assert!(hash.is_some());
+                assert!(hash.dhash.is_some() && hash.pdq.is_some());
             }
             (Err(_), Err(e)) => assert_eq!(i % 4, 2, "{e}"),
             (a, b) => panic!("image {i}: alone {a:?}, streamed {:?}", b.as_ref().err()),
@@ -90,6 +91,7 @@ fn every_source_is_handed_over_once_with_its_own_result() {
         threads: 1,
         chunk: srcs.len(),
         want_hash: true,
+        want_pdq: true,
         release: false,
         scope: 0,
         ahead: &[],
@@ -126,6 +128,7 @@ fn a_failing_consumer_stops_the_threads() {
         threads: 2,
         chunk: 2,
         want_hash: false,
+        want_pdq: false,
         release: false,
         scope: 0,
         ahead: &[],
@@ -154,6 +157,7 @@ fn the_caller_is_polled_while_a_chunk_decodes() {
         threads: 1,
         chunk: 24,
         want_hash: true,
+        want_pdq: false,
         release: false,
         scope: 0,
         ahead: &[],
@@ -200,6 +204,7 @@ fn the_stream_says_where_its_time_went() {
             threads: 2,
             chunk: 2,
             want_hash: true,
+            want_pdq: false,
             release: false,
             scope: 0,
             ahead: &[],

@@ -71,8 +71,12 @@ pub fn claim(
         .collect()
 }
 
-/// The answer for the batch `tx` holds: vectors (flat, `n.len()` × dim) and hashes of rows `n`,
-/// and failures (a JSON array as text). Returns the rows written.
+/// Each answered row's PDQ hash (64 hex digits) and quality.
+pub type PdqAnswer<'a> = (&'a [Option<String>], &'a [Option<i32>]);
+
+/// The answer for the batch `tx` holds: vectors (flat, `n.len()` × dim), dHashes and (when the
+/// table wants them) PDQ hashes and qualities of rows `n`, and failures (a JSON array as text).
+/// Returns the rows written. (Without PDQ hashes, the call a 0.10.0 server knows.)
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     tx: &mut Transaction<'_>,
@@ -81,8 +85,19 @@ pub fn write(
     n: &[i32],
     vectors: &[f32],
     hashes: &[Option<String>],
+    pdq: Option<PdqAnswer>,
     failures: &str,
 ) -> Result<i64, postgres::Error> {
+    if let Some((pdq, quality)) = pdq {
+        let row = tx.query_one(
+            "SELECT doppler.worker_write($1::pg_catalog.int8, $2::pg_catalog.text, $3::pg_catalog.int4[],
+                                         $4::pg_catalog.float4[], $5::pg_catalog.text[],
+                                         $6::pg_catalog.text::pg_catalog.jsonb,
+                                         $7::pg_catalog.text[], $8::pg_catalog.int4[])::pg_catalog.int8",
+            &[&worker, &sha256, &n, &vectors, &hashes, &failures, &pdq, &quality],
+        )?;
+        return row.try_get(0);
+    }
     let row = tx.query_one(
         "SELECT doppler.worker_write($1::pg_catalog.int8, $2::pg_catalog.text, $3::pg_catalog.int4[],
                                      $4::pg_catalog.float4[], $5::pg_catalog.text[],

@@ -10,8 +10,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime};
 
 use doppler_core::{
-    dhash, fetch, prepare_stream, Error, ErrorKind, Model, PreparedImage, Preprocess, Source,
-    StreamOptions, StreamStats,
+    dhash, fetch, pdq, prepare_stream, Error, ErrorKind, Marks, Model, PreparedImage, Preprocess,
+    Source, StreamOptions, StreamStats,
 };
 use serde_json::json;
 
@@ -26,6 +26,7 @@ pub const CHUNK: usize = 32;
 pub struct Options<'a> {
     pub decode_threads: usize,
     pub want_hash: bool,
+    pub want_pdq: bool,
     pub settings: &'a Settings,
     pub paths: &'a PathMap,
 }
@@ -59,10 +60,13 @@ impl Failure {
 /// What a batch made of its rows.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// The rows with a vector, in the order of `vectors` (`n.len()` × dim) and `hashes`.
+    /// The rows with a vector, in the order of `vectors` (`n.len()` × dim), `hashes`, `pdq`
+    /// (64 hex digits) and `pdq_quality`.
     pub n: Vec<i32>,
     pub vectors: Vec<f32>,
     pub hashes: Vec<Option<String>>,
+    pub pdq: Vec<Option<String>>,
+    pub pdq_quality: Vec<Option<i32>>,
     pub failures: Vec<Failure>,
     /// Where the decode threads' time went, and the waits.
     pub stream: StreamStats,
@@ -151,6 +155,7 @@ pub fn run(
         threads: opts.decode_threads.max(1),
         chunk: CHUNK,
         want_hash: opts.want_hash,
+        want_pdq: opts.want_pdq,
         release: false,
         scope,
         ahead: &[],
@@ -199,7 +204,7 @@ fn run_chunk(
     idx: &[usize],
     images: Vec<PreparedImage>,
 ) {
-    let mut ok: Vec<(i32, Option<u64>)> = Vec::new();
+    let mut ok: Vec<(i32, Marks)> = Vec::new();
     let mut tensor = Vec::with_capacity(idx.len() * pre.slot_len());
     for (&j, image) in idx.iter().zip(images) {
         let n = streamed[j];
@@ -220,9 +225,11 @@ fn run_chunk(
     match ran {
         Ok(v) => {
             out.vectors.extend_from_slice(&v);
-            for (n, hash) in ok {
+            for (n, marks) in ok {
                 out.n.push(n);
-                out.hashes.push(hash.map(dhash::to_hex));
+                out.hashes.push(marks.dhash.map(dhash::to_hex));
+                out.pdq.push(marks.pdq.map(|p| pdq::to_hex(&p.hash)));
+                out.pdq_quality.push(marks.pdq.map(|p| p.quality as i32));
             }
         }
         Err(e) => out
@@ -361,6 +368,7 @@ mod tests {
         let opts = Options {
             decode_threads: 3,
             want_hash: true,
+            want_pdq: true,
             settings: &settings,
             paths: &paths,
         };
@@ -400,6 +408,9 @@ mod tests {
                 Some(dhash::to_hex(dhash::dhash(&img))),
                 "row {n}"
             );
+            let p = pdq::pdq(&img);
+            assert_eq!(out.pdq[k], Some(pdq::to_hex(&p.hash)), "row {n}");
+            assert_eq!(out.pdq_quality[k], Some(p.quality as i32), "row {n}");
         }
         // a second signal stops the batch
         let stopped = run(&rows, &mut model, &pre, &opts, &|| true);

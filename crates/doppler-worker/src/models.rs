@@ -37,6 +37,10 @@ pub struct ModelSpec {
     pub dim: usize,
     /// Whether the table wants each image's dHash.
     pub want_hash: bool,
+    /// Whether the table wants each image's PDQ hash and quality (servers before 0.11.0 do not
+    /// say: no).
+    #[serde(default)]
+    pub want_pdq: bool,
 }
 
 impl ModelSpec {

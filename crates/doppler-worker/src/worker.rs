@@ -452,6 +452,7 @@ impl Worker {
         let opts = batch::Options {
             decode_threads: self.plan.decode_threads,
             want_hash: spec.want_hash,
+            want_pdq: spec.want_pdq,
             settings: &s.settings,
             paths: &self.plan.paths,
         };
@@ -483,6 +484,8 @@ impl Worker {
             &out.n,
             &out.vectors,
             &out.hashes,
+            spec.want_pdq
+                .then_some((&out.pdq[..], &out.pdq_quality[..])),
             &out.failures_json(),
         )
         .map_err(sql("write_failed", Some(tbl.clone()), Some(BATCH_SKIP)))?;
