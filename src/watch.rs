@@ -40,7 +40,7 @@ pub struct WatchArgs<'a> {
 impl WatchArgs<'_> {
     /// The fingerprint columns filled with the vector (`Watched::marks`).
     fn marks(&self) -> Vec<&str> {
-        [self.hash_column, self.pdq_column]
+        [self.hash_column, self.pdq_column, self.pdq_quality_column]
             .into_iter()
             .flatten()
             .collect()
@@ -162,7 +162,7 @@ fn plan<'a>(args: &'a WatchArgs<'a>) -> Plan<'a> {
         );
     }
     check_hash_column(args, name);
-    check_pdq_columns(args, name);
+    check_pdq_columns(args, name, &keys);
     let model_column = model_column(args, current.as_ref());
     Plan {
         args,
@@ -313,7 +313,7 @@ fn check_hash_column(args: &WatchArgs, name: &str) {
 
 /// The PDQ column is `bit(256)` (or `bit varying`, 256 bits or more), its quality column an
 /// integer, neither one of the other columns; they need 0.11.0's catalog.
-fn check_pdq_columns(args: &WatchArgs, name: &str) {
+fn check_pdq_columns(args: &WatchArgs, name: &str, keys: &[String]) {
     if args.pdq_quality_column.is_some() && args.pdq_column.is_none() {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -359,13 +359,14 @@ fn check_pdq_columns(args: &WatchArgs, name: &str) {
     let mut named = vec![args.source_column, args.vector_column, p];
     named.extend(args.hash_column);
     named.extend(args.pdq_quality_column);
+    named.extend(keys.iter().map(String::as_str));
     let mut sorted = named.clone();
     sorted.sort_unstable();
     sorted.dedup();
     if sorted.len() != named.len() {
         raise(
             Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            "the PDQ and PDQ quality columns must differ from each other and from the source, vector and hash columns",
+            "the PDQ and PDQ quality columns must differ from each other and from the source, vector, hash and key columns",
             "",
         );
     }
@@ -457,6 +458,7 @@ fn prepare_table(plan: &Plan) {
             || w.source_column != args.source_column
             || w.hash_column.as_deref() != args.hash_column
             || w.pdq_column.as_deref() != args.pdq_column
+            || w.pdq_quality_column.as_deref() != args.pdq_quality_column
             || w.model_column != plan.model_column
     });
     let existing = pending_indexes(relid);

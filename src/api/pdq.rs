@@ -17,12 +17,11 @@
 
 use doppler_core::{pdq, pdq_near, Error, ErrorKind};
 use pgrx::prelude::*;
-use pgrx::spi::{quote_identifier, quote_literal};
+use pgrx::spi::quote_identifier;
 
-use super::search::{readable, restore_setting, set_for_query, source_text};
+use super::search::{readable, restore_setting, set_for_query, source_text, TokenIndex};
 use crate::errors::{raise, raise_error, Code, OrRaise, SpiOrRaise};
 use crate::privileged::as_owner;
-use crate::watch::free_index_name;
 use crate::watched::Watched;
 use crate::{gucs, sources};
 
@@ -176,68 +175,54 @@ fn tokens_expr(col: &str) -> String {
     format!("(ARRAY[{}])", parts.join(", "))
 }
 
-/// The PDQ index of a table's PDQ column, if one exists (its qualified, quoted name): found by
-/// its comment, over the watch's PDQ column.
-fn pdq_index(w: &Watched) -> Option<String> {
-    Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
-         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
-         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
-         WHERE i.indrelid OPERATOR(pg_catalog.=) $1
-           AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2
-           AND EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attribute a
-                         ON a.attrelid OPERATOR(pg_catalog.=) d.refobjid AND a.attnum OPERATOR(pg_catalog.=) d.refobjsubid
-                       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-                         AND d.objid OPERATOR(pg_catalog.=) x.oid AND d.refobjid OPERATOR(pg_catalog.=) $1
-                         AND a.attname OPERATOR(pg_catalog.=) $3::pg_catalog.name)
-         LIMIT 1",
-        &[w.relid.into(), PDQ_INDEX_COMMENT.into(), pdq_column(w).into()],
-    )
-    .ok()
-    .flatten()
+/// The PDQ index of a table's PDQ column (GIN over its 16 chunk tokens).
+fn pdq_index(w: &Watched) -> TokenIndex<'_> {
+    TokenIndex {
+        column: pdq_column(w),
+        comment: PDQ_INDEX_COMMENT,
+        suffix: "_doppler_pdq",
+        what: "PDQ",
+        expr: tokens_expr,
+    }
 }
 
-/// Builds the PDQ index (GIN over the column's 16 chunk tokens), as the table's owner; returns
-/// its name (`create_index(tbl, 'pdq')`).
+/// Builds the PDQ index, as the table's owner; returns its name (`create_index(tbl, 'pdq')`).
 pub(crate) fn create_pdq_index(w: &Watched) -> String {
-    let p = pdq_column(w);
-    if let Some(existing) = pdq_index(w) {
-        notice!("doppler: {} already has the PDQ index {existing}", w.name);
-        return existing;
-    }
-    let expr = tokens_expr(&quote_identifier(p));
-    as_owner(w.owner, || {
-        w.check_name();
-        let (bare, index) = free_index_name(w.relid, "_doppler_pdq");
-        Spi::run(&format!(
-            "CREATE INDEX {bare} ON {} USING gin ({expr})",
-            w.name
-        ))?;
-        Spi::run(&format!(
-            "COMMENT ON INDEX {index} IS {}",
-            quote_literal(PDQ_INDEX_COMMENT)
-        ))?;
-        Ok::<_, pgrx::spi::Error>(index)
-    })
-    .or_raise(|| format!("could not create the PDQ index on {}", w.name))
+    pdq_index(w).create(w)
 }
 
 /// A row of a PDQ match: its key, source, hash (hex), quality, and for a list, the listed hash
 /// it is near (1-based) with the distance.
 type Found = (String, Option<String>, String, Option<i32>);
 
-/// `quality >= min_quality` over alias `t` (no quality column: every row), built-in operators.
+/// The row's quality over alias `t` as an int4 (clamped: the column may be a bigint), and
+/// `quality >= min_quality` (a NULL quality, not computed yet, is 0); no quality column: NULL, and
+/// every row. Built-in operators only.
 fn quality_over(w: &Watched, min_quality: i32) -> (String, String) {
     match &w.pdq_quality_column {
-        Some(q) => (
-            format!("t.{}::pg_catalog.int4", quote_identifier(q)),
-            format!(
-                "coalesce(t.{}::pg_catalog.int4, 0) OPERATOR(pg_catalog.>=) {min_quality}",
-                quote_identifier(q)
-            ),
-        ),
+        Some(q) => {
+            let q = format!("t.{}::pg_catalog.int8", quote_identifier(q));
+            (
+                // (GREATEST and LEAST pass over NULLs: a NULL quality stays NULL by the CASE)
+                format!("(CASE WHEN {q} IS NOT NULL THEN LEAST(GREATEST({q}, -2147483648), 2147483647) END)::pg_catalog.int4"),
+                format!("coalesce({q}, 0) OPERATOR(pg_catalog.>=) {min_quality}::pg_catalog.int8"),
+            )
+        }
         None => ("NULL::pg_catalog.int4".into(), "true".into()),
     }
+}
+
+/// At most this many rows (near_duplicates) or (row, listed hash) pairs (pdq_matches) in one
+/// answer: a threshold or a list that matches more (a list of one hash a million times, max_bits
+/// 256 over a large table) asks for more than an answer should hold in memory; 54000 instead.
+const MAX_MATCHES: usize = 1_000_000;
+
+fn too_many(w: &Watched) -> ! {
+    raise(
+        Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        format!("more than {MAX_MATCHES} PDQ matches in {}", w.name),
+        "Lower max_bits (the reference's threshold is 31), or match the list in parts.",
+    )
 }
 
 /// The rows whose PDQ hash is within `max_bits` of `hash` (64 hex digits) and whose quality is
@@ -266,7 +251,7 @@ fn _pdq_near(
     let max = check_args(max_bits, min_quality);
     let query = parse(hash);
     let col = format!("t.{}", quote_identifier(p));
-    let probes = pdq_near::probe_tokens(&query, max).filter(|_| pdq_index(&w).is_some());
+    let probes = pdq_near::probe_tokens(&query, max).filter(|_| pdq_index(&w).find(&w).is_some());
     let candidates = match &probes {
         Some(_) => format!(
             "{} OPERATOR(pg_catalog.&&) $1::pg_catalog.int4[]",
@@ -284,10 +269,12 @@ fn _pdq_near(
            AND pg_catalog.length({col}) OPERATOR(pg_catalog.=) 256
            AND pg_catalog.bit_count({col}::pg_catalog.varbit::pg_catalog.bit(256)
                                     OPERATOR(pg_catalog.#) ('x' OPERATOR(pg_catalog.||) $2)::pg_catalog.bit(256))
-               OPERATOR(pg_catalog.<=) $3",
+               OPERATOR(pg_catalog.<=) $3
+         LIMIT {limit}",
         key = w.key_over("t"),
         src = source_text(&w),
-        table = w.name
+        table = w.name,
+        limit = MAX_MATCHES + 1,
     );
     // GIN cannot estimate an overlap with hundreds of tokens: the index is always the cheaper
     // way when it serves, and the answer is the same either way
@@ -312,6 +299,9 @@ fn _pdq_near(
     })
     .or_raise(|| format!("could not look up near duplicates in {}", w.name));
     restore_setting(before);
+    if rows.len() > MAX_MATCHES {
+        too_many(&w);
+    }
     let mut out: Vec<_> = rows
         .into_iter()
         .filter_map(|((k, s, x, q), h)| {
@@ -383,11 +373,25 @@ fn _pdq_matches(
     if list.is_empty() {
         return TableIterator::new(Vec::new());
     }
-    let index = pdq_near::ListIndex::new(&list);
+    // one index entry per distinct hash (a list may repeat one), each with its positions
+    let mut distinct: Vec<([u8; 32], Vec<i32>)> = Vec::new();
+    {
+        let mut at: std::collections::HashMap<[u8; 32], usize> = std::collections::HashMap::new();
+        for (h, pos) in list.iter().zip(&positions) {
+            let k = *at.entry(*h).or_insert_with(|| {
+                distinct.push((*h, Vec::new()));
+                distinct.len() - 1
+            });
+            distinct[k].1.push(*pos);
+        }
+    }
+    let hashes: Vec<[u8; 32]> = distinct.iter().map(|(h, _)| *h).collect();
+    let index = pdq_near::ListIndex::new(&hashes);
     let col = format!("t.{}", quote_identifier(p));
     let (_, good) = quality_over(&w, min_quality);
     // the hashes in chunks of 1 024 heap pages (of each partition): one SPI row per chunk, not
-    // per table row; the row's place (tableoid, ctid) to read the few matches back by
+    // per table row, fetched a chunk at a time through a cursor (memory: one chunk, whatever the
+    // table's size); each near row's place (tableoid, ctid) and hash kept, to read it back by
     let scan = format!(
         "SELECT pg_catalog.array_agg(t.tableoid), pg_catalog.array_agg(t.ctid::pg_catalog.text),
                 pg_catalog.array_agg(pg_catalog.varbit_send({col}::pg_catalog.varbit))
@@ -396,29 +400,62 @@ fn _pdq_matches(
          GROUP BY t.tableoid, ((t.ctid::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8 OPERATOR(pg_catalog./) 1024)",
         table = w.name
     );
-    let mut near: Vec<(pg_sys::Oid, String, u32, u32)> = Vec::new();
+    // (place, listed index, distance) and the places: (tableoid, ctid) -> the row's hash
+    let mut pairs: Vec<(u32, u32, u32)> = Vec::new();
+    let mut places: Vec<((pg_sys::Oid, String), [u8; 32])> = Vec::new();
     let mut found = Vec::new();
+    // (rows seen, and the answer's rows so far: a pair for each position of its listed hash)
+    let (mut seen, mut answer) = (0usize, 0usize);
     as_owner(w.owner, || {
         w.check_name();
         Spi::connect(|c| {
-            for chunk in c.select(&scan, None, &[])? {
-                check_for_interrupts!();
-                let (Some(oids), Some(ctids), Some(bits)) = (
-                    chunk.get::<pgrx::Array<pg_sys::Oid>>(1)?,
-                    chunk.get::<pgrx::Array<&str>>(2)?,
-                    chunk.get::<pgrx::Array<&[u8]>>(3)?,
-                ) else {
-                    continue;
-                };
-                for ((oid, ctid), b) in oids.iter().zip(ctids.iter()).zip(bits.iter()) {
-                    let (Some(oid), Some(ctid), Some(h)) = (oid, ctid, b.and_then(sent_bits))
-                    else {
+            let mut cursor = c.try_open_cursor(scan.as_str(), &[])?;
+            loop {
+                let chunks = cursor.fetch(1)?;
+                if chunks.is_empty() {
+                    break;
+                }
+                for chunk in chunks {
+                    let (Some(oids), Some(ctids), Some(bits)) = (
+                        chunk.get::<pgrx::Array<pg_sys::Oid>>(1)?,
+                        chunk.get::<pgrx::Array<&str>>(2)?,
+                        chunk.get::<pgrx::Array<&[u8]>>(3)?,
+                    ) else {
                         continue;
                     };
-                    found.clear();
-                    index.matches(&h, max, &mut found);
-                    for &(j, d) in &found {
-                        near.push((oid, ctid.to_string(), j, d));
+                    for ((oid, ctid), b) in oids.iter().zip(ctids.iter()).zip(bits.iter()) {
+                        // cancel and statement_timeout act within a chunk too (a long list
+                        // compared with every row costs milliseconds a row)
+                        seen += 1;
+                        if seen.is_multiple_of(16) {
+                            check_for_interrupts!();
+                        }
+                        let (Some(oid), Some(ctid), Some(h)) = (oid, ctid, b.and_then(sent_bits))
+                        else {
+                            continue;
+                        };
+                        found.clear();
+                        index.matches(&h, max, &mut found);
+                        if found.is_empty() {
+                            continue;
+                        }
+                        let place = places.len() as u32;
+                        places.push(((oid, ctid.to_string()), h));
+                        for &(j, d) in &found {
+                            pairs.push((place, j, d));
+                            answer += distinct[j as usize].1.len();
+                        }
+                        if answer > MAX_MATCHES {
+                            too_many(&w);
+                        }
+                    }
+                }
+                // (the chunk's arrays are not needed any more: free them now, not at the end)
+                // SAFETY: the tuple table of the fetch just read, which nothing refers to now
+                unsafe {
+                    if !pg_sys::SPI_tuptable.is_null() {
+                        pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+                        pg_sys::SPI_tuptable = std::ptr::null_mut();
                     }
                 }
             }
@@ -426,55 +463,62 @@ fn _pdq_matches(
         })
     })
     .or_raise(|| format!("could not read the PDQ hashes of {}", w.name));
-    if near.is_empty() {
+    if pairs.is_empty() {
         return TableIterator::new(Vec::new());
     }
-    // the matched rows, read back by their place (in this statement's snapshot)
+    // the near rows, read back by their place; a row whose hash or quality is not the one the
+    // scan saw (updated meanwhile, its place reused) is left out
     let (oids, ctids): (Vec<pg_sys::Oid>, Vec<String>) =
-        near.iter().map(|(o, c, _, _)| (*o, c.clone())).unzip();
-    let (quality, _) = quality_over(&w, min_quality);
+        places.iter().map(|((o, c), _)| (*o, c.clone())).unzip();
+    let (quality, good) = quality_over(&w, min_quality);
     let read = format!(
         "SELECT t.tableoid, t.ctid::pg_catalog.text, {key}, {src}, pg_catalog.varbit_send({col}::pg_catalog.varbit), {quality}
          FROM {table} t
          WHERE t.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.tid[])
-           AND t.tableoid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])",
+           AND t.tableoid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[]) AND {good}",
         key = w.key_over("t"),
         src = source_text(&w),
         table = w.name
     );
-    let rows: Vec<((pg_sys::Oid, String), Found)> = as_owner(w.owner, || {
+    let mut by_place: std::collections::HashMap<(pg_sys::Oid, String), (Found, [u8; 32])> =
+        std::collections::HashMap::new();
+    as_owner(w.owner, || {
         w.check_name();
         Spi::connect(|c| {
-            c.select(&read, None, &[oids.clone().into(), ctids.clone().into()])?
-                .map(|r| {
-                    let place = (
-                        r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                        r.get::<String>(2)?.unwrap_or_default(),
-                    );
-                    let h = r.get::<Vec<u8>>(5)?.and_then(|b| sent_bits(&b));
-                    Ok((
-                        place,
-                        (
-                            r.get::<String>(3)?.unwrap_or_default(),
-                            r.get::<String>(4)?,
-                            h.map(|h| pdq::to_hex(&h)).unwrap_or_default(),
-                            r.get::<i32>(6)?,
-                        ),
-                    ))
-                })
-                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            for r in c.select(&read, None, &[oids.clone().into(), ctids.clone().into()])? {
+                let place = (
+                    r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                );
+                let Some(h) = r.get::<Vec<u8>>(5)?.and_then(|b| sent_bits(&b)) else {
+                    continue;
+                };
+                let found = (
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?,
+                    pdq::to_hex(&h),
+                    r.get::<i32>(6)?,
+                );
+                by_place.insert(place, (found, h));
+            }
+            Ok::<_, pgrx::spi::Error>(())
         })
     })
     .or_raise(|| format!("could not read the matches in {}", w.name));
-    let by_place: std::collections::HashMap<(pg_sys::Oid, String), Found> =
-        rows.into_iter().collect();
-    let mut out: Vec<(String, Option<String>, String, Option<i32>, i32, i32)> = near
-        .into_iter()
-        .filter_map(|(o, c, j, d)| {
-            let (k, s, x, q) = by_place.get(&(o, c))?.clone();
-            Some((k, s, x, q, positions[j as usize], d as i32))
-        })
-        .collect();
+    let mut out: Vec<(String, Option<String>, String, Option<i32>, i32, i32)> = Vec::new();
+    for (place, j, d) in pairs {
+        let (at, scanned) = &places[place as usize];
+        let Some((row, h)) = by_place.get(at) else {
+            continue;
+        };
+        if h != scanned {
+            continue;
+        }
+        for &listed in &distinct[j as usize].1 {
+            let (k, s, x, q) = row.clone();
+            out.push((k, s, x, q, listed, d as i32));
+        }
+    }
     out.sort_by(|a, b| {
         a.4.cmp(&b.4)
             .then(a.5.cmp(&b.5))

@@ -411,7 +411,7 @@ fn _create_index(relid: pg_sys::Oid, metric: &str) -> String {
     let w = watched(relid);
     lock_for_reading(relid);
     let ops = match Metric::from_arg(metric) {
-        Metric::Hamming => return create_hash_index(&w),
+        Metric::Hamming => return hash_index(&w).create(&w),
         Metric::Pdq => return super::pdq::create_pdq_index(&w),
         Metric::L2 => "halfvec_l2_ops",
         Metric::Cosine => "halfvec_cosine_ops",
@@ -585,54 +585,79 @@ fn hash_column(w: &Watched) -> &str {
     })
 }
 
-/// The near-duplicate index of a table's hash column, if one exists (its qualified, quoted
-/// name): found by its comment, over the watch's hash column (an index over a former hash
-/// column does not count).
-fn hash_index(w: &Watched) -> Option<String> {
-    Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
-         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
-         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
-         WHERE i.indrelid OPERATOR(pg_catalog.=) $1
-           AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2
-           AND EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attribute a
-                         ON a.attrelid OPERATOR(pg_catalog.=) d.refobjid AND a.attnum OPERATOR(pg_catalog.=) d.refobjsubid
-                       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-                         AND d.objid OPERATOR(pg_catalog.=) x.oid AND d.refobjid OPERATOR(pg_catalog.=) $1
-                         AND a.attname OPERATOR(pg_catalog.=) $3::pg_catalog.name)
-         LIMIT 1",
-        &[w.relid.into(), HASH_INDEX_COMMENT.into(), hash_column(w).into()],
-    )
-    .ok()
-    .flatten()
+/// A GIN index doppler built over one column of a watched table (the near-duplicate and PDQ
+/// indexes): found by its comment (names are the user's; a comment survives dump and restore),
+/// over that column (an index over a former hash column does not count).
+pub(super) struct TokenIndex<'a> {
+    pub column: &'a str,
+    /// The index's comment.
+    pub comment: &'a str,
+    /// The suffix of its name (after the table's).
+    pub suffix: &'a str,
+    /// What it is called in messages.
+    pub what: &'a str,
+    /// The GIN index's expression over the quoted column.
+    pub expr: fn(&str) -> String,
 }
 
-/// Builds the near-duplicate index (GIN over the hash column's four chunk tokens), as the
-/// table's owner; returns its name.
-fn create_hash_index(w: &Watched) -> String {
-    let h = hash_column(w);
-    if let Some(existing) = hash_index(w) {
-        notice!(
-            "doppler: {} already has the near-duplicate index {existing}",
-            w.name
-        );
-        return existing;
+impl TokenIndex<'_> {
+    /// Its qualified, quoted name, if it exists.
+    pub fn find(&self, w: &Watched) -> Option<String> {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, x.relname)
+             FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.relnamespace
+             WHERE i.indrelid OPERATOR(pg_catalog.=) $1
+               AND pg_catalog.obj_description(x.oid, 'pg_class') OPERATOR(pg_catalog.=) $2
+               AND EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attribute a
+                             ON a.attrelid OPERATOR(pg_catalog.=) d.refobjid AND a.attnum OPERATOR(pg_catalog.=) d.refobjsubid
+                           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                             AND d.objid OPERATOR(pg_catalog.=) x.oid AND d.refobjid OPERATOR(pg_catalog.=) $1
+                             AND a.attname OPERATOR(pg_catalog.=) $3::pg_catalog.name)
+             LIMIT 1",
+            &[w.relid.into(), self.comment.into(), self.column.into()],
+        )
+        .ok()
+        .flatten()
     }
-    let expr = hash_tokens_expr(&quote_identifier(h));
-    as_owner(w.owner, || {
-        w.check_name();
-        let (bare, index) = free_index_name(w.relid, "_doppler_dhash");
-        Spi::run(&format!(
-            "CREATE INDEX {bare} ON {} USING gin ({expr})",
-            w.name
-        ))?;
-        Spi::run(&format!(
-            "COMMENT ON INDEX {index} IS {}",
-            quote_literal(HASH_INDEX_COMMENT)
-        ))?;
-        Ok::<_, pgrx::spi::Error>(index)
-    })
-    .or_raise(|| format!("could not create the near-duplicate index on {}", w.name))
+
+    /// Builds it as the table's owner (kept when it exists); returns its name.
+    pub fn create(&self, w: &Watched) -> String {
+        if let Some(existing) = self.find(w) {
+            notice!(
+                "doppler: {} already has the {} index {existing}",
+                w.name,
+                self.what
+            );
+            return existing;
+        }
+        let expr = (self.expr)(&quote_identifier(self.column));
+        as_owner(w.owner, || {
+            w.check_name();
+            let (bare, index) = free_index_name(w.relid, self.suffix);
+            Spi::run(&format!(
+                "CREATE INDEX {bare} ON {} USING gin ({expr})",
+                w.name
+            ))?;
+            Spi::run(&format!(
+                "COMMENT ON INDEX {index} IS {}",
+                quote_literal(self.comment)
+            ))?;
+            Ok::<_, pgrx::spi::Error>(index)
+        })
+        .or_raise(|| format!("could not create the {} index on {}", self.what, w.name))
+    }
+}
+
+/// The near-duplicate index of a table's dHash column (GIN over its four chunk tokens).
+fn hash_index(w: &Watched) -> TokenIndex<'_> {
+    TokenIndex {
+        column: hash_column(w),
+        comment: HASH_INDEX_COMMENT,
+        suffix: "_doppler_dhash",
+        what: "near-duplicate",
+        expr: hash_tokens_expr,
+    }
 }
 
 /// The rows whose dHash is within `max_bits` of `hash`, nearest first. Exact: the index (when
@@ -673,7 +698,7 @@ fn _near_duplicates(
     // through the index when there is one and the radius suits it; else a scan (evaluating the
     // tokens of every row would only make the scan slower)
     let probes = doppler_core::near::probe_tokens(query, max_bits as u32)
-        .filter(|_| hash_index(&w).is_some());
+        .filter(|_| hash_index(&w).find(&w).is_some());
     let candidates = match &probes {
         Some(_) => format!(
             "{} OPERATOR(pg_catalog.&&) $1::pg_catalog.text[]",

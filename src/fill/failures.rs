@@ -87,7 +87,9 @@ pub fn record(
         let settled: Vec<String> = claimed
             .iter()
             .zip(outcomes)
-            .filter(|(c, o)| o.vector.is_some() || (c.has_vector && o.hash.is_some()))
+            .filter(|(c, o)| {
+                o.vector.is_some() || (c.has_vector && (o.hash.is_some() || o.pdq.is_some()))
+            })
             .map(|(c, _)| c.key.clone())
             .collect();
         Spi::run_with_args(

@@ -388,7 +388,7 @@ fn outcomes_of(
         }
         let hash = match marks.hashes.get(k).cloned().flatten() {
             Some(h) if is_dhash(&h) => Some(h.to_ascii_lowercase()),
-            Some(h) => bad(format!("\"{h}\" is not a dHash (16 hex digits)")),
+            Some(h) => bad(format!("\"{}\" is not a dHash (16 hex digits)", shown(&h))),
             None => None,
         };
         if w.hash_column.is_some() && c.hash.is_none() {
@@ -424,7 +424,10 @@ fn answered_pdq(marks: &Answered, k: usize, number: i32, table: &str) -> pdq::Pd
         ))
     };
     let Some(hash) = pdq::parse_hex(&h) else {
-        bad(format!("\"{h}\" is not a PDQ hash (64 hex digits)"))
+        bad(format!(
+            "\"{}\" is not a PDQ hash (64 hex digits)",
+            shown(&h)
+        ))
     };
     if !(0..=100).contains(&q) {
         bad(format!(
@@ -435,6 +438,15 @@ fn answered_pdq(marks: &Answered, k: usize, number: i32, table: &str) -> pdq::Pd
         hash,
         quality: q as u32,
     }
+}
+
+/// A string a worker sent, as an error message shows it: 80 characters at most, control
+/// characters as spaces.
+fn shown(s: &str) -> String {
+    s.chars()
+        .take(80)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// A failure a worker reports, as doppler-core's error (an unknown kind is `internal`); a

@@ -76,7 +76,7 @@ impl Update<'_> {
     /// The statement: the vector where one was made (`$1`), the model tag (this model's where a
     /// vector is written, [`HELD`] where the row failed or was skipped: `$4`), the hash where
     /// the row had none (`$5`), the PDQ hash (`$6`, 64 hex digits) and its quality (`$7`) where
-    /// the row had no PDQ hash, by ctid (`$2`) and tableoid (`$3`).
+    /// the row had none, by ctid (`$2`) and tableoid (`$3`).
     fn sql(&self) -> String {
         let w = self.w;
         let mut hash_set = match &w.hash_column {
@@ -93,9 +93,7 @@ impl Update<'_> {
             ));
             if let Some(q) = &w.pdq_quality_column {
                 let q = pgrx::spi::quote_identifier(q);
-                hash_set.push_str(&format!(
-                    ", {q} = CASE WHEN {p} IS NULL AND $6 IS NOT NULL THEN $7 ELSE {q} END"
-                ));
+                hash_set.push_str(&format!(", {q} = coalesce({q}, $7)"));
             }
         }
         format!(

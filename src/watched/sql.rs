@@ -73,13 +73,17 @@ impl Watched {
         format!("{alias}.{}", quote_identifier(column))
     }
 
-    /// The fingerprint columns filled with the vector, when NULL: the dHash's and the PDQ hash's
-    /// (its quality column follows the PDQ column).
+    /// The fingerprint columns filled with the vector, when NULL: the dHash's, the PDQ hash's and
+    /// its quality's.
     pub fn marks(&self) -> Vec<&str> {
-        [&self.hash_column, &self.pdq_column]
-            .into_iter()
-            .filter_map(|c| c.as_deref())
-            .collect()
+        [
+            &self.hash_column,
+            &self.pdq_column,
+            &self.pdq_quality_column,
+        ]
+        .into_iter()
+        .filter_map(|c| c.as_deref())
+        .collect()
     }
 
     /// The rows the pending index covers, over `alias`: no vector, or no hash (with a hash

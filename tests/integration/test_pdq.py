@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import time
 
 import numpy as np
 import psycopg
@@ -849,3 +850,76 @@ def test_external_worker_fills_pdq(cluster, models):
                                                      AND features = array_fill(0.25::real, ARRAY[16])), count(*)
                             FROM {t}""").fetchone()
         assert got == (len(images), len(images)), got
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. what one caller may ask for, and a quality column added later
+
+LIM = "pq_lim"
+
+
+def test_bounds_of_an_answer_and_a_quality_column_added_later(noworker, cluster, models):
+    """As a plain owner: a key column is refused as the PDQ or quality column (22023); an answer of
+    more than a million (row, listed hash) pairs is refused (54000) before it is built, and a list
+    that repeats one hash is indexed once; statement_timeout ends a match whose list is compared
+    with every row (max_bits 90) within the table's one heap chunk, not after it; a bigint quality
+    beyond int4 reads clamped, never fails the lookup; a quality column added to a filled watch is
+    filled for every row without a model run (the vector stays)."""
+    plain_role(cluster, LIM, dbs=[NOWORKER])
+    with cluster.connect(NOWORKER, user=LIM) as c:
+        c.execute(f"CREATE TABLE {LIM}.k (id int PRIMARY KEY, img bytea, features real[], pdq bit(256), q bigint)")
+        for args, code in [("pdq_column => 'pdq', pdq_quality_column => 'id'", "22023"),
+                           ("pdq_column => 'id'", "42804")]:
+            got = error_code(c, f"SELECT doppler.watch('{LIM}.k', 'img', model => '{MODEL}', mode => 'manual', {args})")
+            assert got == code, (args, got)
+
+        # 600 rows of one hash: 1 000 copies of it listed is 600 000 pairs, 2 000 copies too many
+        h = "f0" * 32
+        c.execute(f"INSERT INTO {LIM}.k (id, pdq, q) SELECT i, ('x' || %s)::bit(256), 100 FROM generate_series(1, 600) i", (h,))
+        c.execute(f"INSERT INTO {LIM}.k (id, pdq, q) VALUES (0, ('x' || %s)::bit(256), 3000000000)", ("0f" * 32,))
+        c.execute(f"SELECT doppler.watch('{LIM}.k', 'img', model => '{MODEL}', mode => 'manual', "
+                  "pdq_column => 'pdq', pdq_quality_column => 'q')")
+        many = f"SELECT count(*) FROM doppler.pdq_matches('{LIM}.k', array_fill(('x' || %s)::bit(256), ARRAY[%s]), 0, 0)"
+        assert c.execute(many, (h, 1000)).fetchone()[0] == 600_000
+        assert error_code(c, many, (h, 2000)) == "54000"
+        assert error_code(c, f"SELECT count(*) FROM doppler.near_duplicates('{LIM}.k', ('x' || %s)::bit(256), 256, 0)",
+                          (h,)) is None
+        # the bigint quality beyond int4
+        got = c.execute(f"SELECT row_key, quality FROM doppler.near_duplicates('{LIM}.k', ('x' || %s)::bit(256), 0)",
+                        ("0f" * 32,)).fetchall()
+        assert got == [("0", 2147483647)], got
+
+        # a long list compared with every row: the timeout acts within the chunk
+        c.execute(f"""CREATE TABLE {LIM}.biglist AS
+                      SELECT array_agg(('x' || md5(i::text) || md5((i + 1)::text))::bit(256)) AS a
+                      FROM generate_series(1, 200000) i""")
+        c.execute(f"INSERT INTO {LIM}.k (id, pdq, q) SELECT i, ('x' || md5(i::text) || md5((-i)::text))::bit(256), 100 "
+                  "FROM generate_series(1000, 20999) i")
+        c.execute("SET statement_timeout = '1500ms'")
+        t0 = time.time()
+        code = error_code(c, f"SELECT count(*) FROM doppler.pdq_matches('{LIM}.k', (SELECT a FROM {LIM}.biglist), 90, 0)")
+        took = time.time() - t0
+        c.execute("RESET statement_timeout")
+        assert code == "57014" and took < 6, (code, took)
+
+        # a quality column added to a filled watch: filled by the next fill, the vectors kept
+        c.execute(f"CREATE TABLE {LIM}.later (id int PRIMARY KEY, img bytea, features real[], pdq bit(256))")
+        c.execute(f"INSERT INTO {LIM}.later (id, img) VALUES (1, %s), (2, %s)", (data(PHOTOS[0]), data(PHOTOS[1])))
+        c.execute(f"SELECT doppler.watch('{LIM}.later', 'img', model => '{MODEL}', mode => 'manual', pdq_column => 'pdq')")
+        c.execute(f"CALL doppler.fill('{LIM}.later')")
+        before = c.execute(f"SELECT id, features, pdq::text FROM {LIM}.later ORDER BY id").fetchall()
+        assert all(r[1] and r[2] for r in before), before
+        c.execute(f"ALTER TABLE {LIM}.later ADD COLUMN q smallint")
+        c.execute(f"SELECT doppler.watch('{LIM}.later', 'img', model => '{MODEL}', mode => 'manual', "
+                  "pdq_column => 'pdq', pdq_quality_column => 'q')")
+        assert c.execute(f"SELECT pending FROM doppler.status WHERE table_name = '{LIM}.later'::regclass").fetchone()[0] == 2
+        runs = c.execute(f"SELECT count(*) FROM doppler.batches WHERE relid = '{LIM}.later'::regclass").fetchone()[0]
+        c.execute(f"CALL doppler.fill('{LIM}.later')")
+        after = c.execute(f"SELECT id, features, pdq::text, q FROM {LIM}.later ORDER BY id").fetchall()
+        for (i, f, p, q), (_, f0, p0), path in zip(after, before, PHOTOS):
+            want = c.execute("SELECT quality FROM doppler.pdq(%s::bytea)", (data(path),)).fetchone()[0]
+            assert (f, p, q) == (f0, p0, want), i
+        batch = c.execute(f"SELECT claimed, filled FROM doppler.batches WHERE relid = '{LIM}.later'::regclass "
+                          "ORDER BY finished_at DESC LIMIT 1").fetchone()
+        assert c.execute(f"SELECT count(*) FROM doppler.batches WHERE relid = '{LIM}.later'::regclass").fetchone()[0] == runs + 1
+        assert batch == (2, 0), batch  # claimed for the quality, no vector made
