@@ -567,7 +567,7 @@ mod tests {
         assert_error(
             "SELECT doppler.create_index('closed_sets', 'manhattan')",
             "22023",
-            "metric must be l2, cosine or hamming, not \"manhattan\"",
+            "metric must be l2, cosine, hamming or pdq, not \"manhattan\"",
         );
     }
 
